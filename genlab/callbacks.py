@@ -1,0 +1,108 @@
+"""Callbacks that report on the run as a whole."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from genlab.samples import samples_dir
+
+log = logging.getLogger(__name__)
+
+
+class RunSummary(Callback):
+    """Track the best value of every validation metric and report the run when fit ends.
+
+    Every `val/*` metric in genlab is better when lower (losses, perplexity, negative ELBO,
+    bits per dimension, FID), so the best value is the minimum. The report is printed and
+    written to `<run dir>/summary.json`: final and best metrics, the run directory, the best
+    and last checkpoints, the sample images and, for offline W&B runs, the sync command.
+    """
+
+    def __init__(self) -> None:
+        self.best: dict[str, float] = {}
+        self.final: dict[str, float] = {}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for key, value in trainer.callback_metrics.items():
+            if not key.startswith("val/"):
+                continue
+            value = float(value)
+            self.final[key] = value
+            if not math.isnan(value) and value < self.best.get(key, math.inf):
+                self.best[key] = value
+
+    def state_dict(self) -> dict:
+        return {"best": dict(self.best), "final": dict(self.final)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = dict(state_dict.get("best", {}))
+        self.final = dict(state_dict.get("final", {}))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        summary = self.summarize(trainer)
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _print_summary(summary)
+
+    def summarize(self, trainer: L.Trainer) -> dict:
+        """Collect the facts of the run into a JSON-serialisable dict."""
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("train/"):
+                self.final[key] = float(value)
+
+        checkpoint = trainer.checkpoint_callback
+        sample_folder = samples_dir(trainer)
+        summary = {
+            "run_dir": str(Path(trainer.default_root_dir).resolve()),
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "final": dict(sorted(self.final.items())),
+            "best": dict(sorted(self.best.items())),
+            "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
+            "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
+            "samples_dir": str(sample_folder.resolve()) if sample_folder.exists() else None,
+            "wandb_sync": None,
+        }
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and getattr(logger.experiment, "offline", False):
+                # experiment.dir is <run>/wandb/offline-run-<time>-<id>/files.
+                summary["wandb_sync"] = f"wandb sync {Path(logger.experiment.dir).parent}"
+        return summary
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title="Run summary", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("final", justify="right")
+    table.add_column("best", justify="right")
+    for key in sorted(set(summary["final"]) | set(summary["best"])):
+        final = summary["final"].get(key)
+        best = summary["best"].get(key)
+        table.add_row(key, _format(final), _format(best))
+
+    console = Console()
+    console.print(table)
+    console.print(f"Run directory:    {summary['run_dir']}")
+    console.print(f"Best checkpoint:  {summary['best_checkpoint'] or '(none)'}")
+    console.print(f"Last checkpoint:  {summary['last_checkpoint'] or '(none)'}")
+    console.print(f"Sample images:    {summary['samples_dir'] or '(none)'}")
+    if summary["wandb_sync"]:
+        console.print(f"W&B ran offline; upload with: {summary['wandb_sync']}")
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

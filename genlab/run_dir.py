@@ -1,0 +1,62 @@
+"""The run directory: what a run leaves behind so it can be found, resumed and traced."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from genlab.config_check import ConfigError
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    """Create the run directory and save the resolved config and the run's provenance.
+
+    Raises ConfigError when the directory already holds checkpoints of another run and
+    this run does not resume from one of them, so that no earlier checkpoint is overwritten.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    existing = sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
+    resuming_here = cfg.ckpt_path is not None and Path(cfg.ckpt_path).resolve().parent == checkpoint_dir.resolve()
+    if existing and not resuming_here:
+        raise ConfigError([
+            f"hydra.run.dir={str(run_dir)!r} already holds checkpoints of an earlier run "
+            f"({', '.join(p.name for p in existing)}), and genlab never overwrites them. Resume "
+            f"that run with ckpt_path={checkpoint_dir / 'last.ckpt'}, or pick a new hydra.run.dir."
+        ])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    run_info = {
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+    }
+    (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    return run_dir
+
+
+def _git_commit() -> str | None:
+    """Commit of the source tree train.py runs from, with "-dirty" when files are modified."""
+    source_dir = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=source_dir, capture_output=True, text=True, timeout=10,
+                                check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if status.strip() else "")

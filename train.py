@@ -1,0 +1,112 @@
+"""Train a generative model described by a Hydra config.
+
+    python train.py                                  # VAE on the embedded digits
+    python train.py experiment=shakespeare_char      # character-level GPT
+    python train.py model.lr=1e-3 trainer.max_epochs=5 seed=0
+    python train.py --cfg job                        # print the composed config
+
+Each run writes one directory under logs/<task_name>/runs/: the resolved config, the
+checkpoints (best and last), sample images, the CSV metrics and the W&B run files.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+import lightning as L
+import wandb
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from genlab.config_check import ConfigError, check_config
+from genlab.run_dir import prepare_run_dir
+
+log = logging.getLogger("genlab.train")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate the config, build every component, fit, and return the final metrics."""
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    check_config(cfg, choices)
+    run_dir = prepare_run_dir(cfg)
+    log.info("Run directory: %s", run_dir)
+
+    if cfg.seed is not None:
+        log.info("Seeding every random number generator with seed=%d", cfg.seed)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    log.info("Building datamodule <%s>", cfg.data._target_)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+
+    log.info("Building model <%s>", cfg.model._target_)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, **datamodule.model_inputs())
+
+    log.info("Building callbacks")
+    callbacks = build_callbacks(cfg.get("callbacks"), model)
+
+    log.info("Building loggers")
+    loggers = build_loggers(cfg.get("logger"))
+
+    log.info("Building trainer <%s>", cfg.trainer._target_)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    hyperparameters = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hyperparameters)
+
+    log.info("Training" + (f", resuming from {cfg.ckpt_path}" if cfg.ckpt_path else ""))
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    if wandb.run is not None:
+        wandb.finish()
+    return metrics
+
+
+def build_callbacks(callbacks_cfg: DictConfig | None, model: L.LightningModule) -> list[Callback]:
+    """Instantiate the callbacks; an unset checkpoint monitor follows the model's main metric."""
+    if not callbacks_cfg:
+        return []
+    checkpoint_cfg = callbacks_cfg.get("model_checkpoint")
+    if checkpoint_cfg is not None and checkpoint_cfg.get("monitor") is None:
+        checkpoint_cfg.monitor = model.monitor
+        checkpoint_cfg.mode = model.monitor_mode
+        log.info("Best checkpoint chosen by %s (%s)", model.monitor, model.monitor_mode)
+    elif checkpoint_cfg is not None and checkpoint_cfg.get("mode") is None:
+        checkpoint_cfg.mode = "min"
+
+    callbacks = []
+    for name, node in callbacks_cfg.items():
+        if node is not None and "_target_" in node:
+            log.info("  %s <%s>", name, node._target_)
+            callbacks.append(hydra.utils.instantiate(node))
+    return callbacks
+
+
+def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
+    if not logger_cfg:
+        return []
+    loggers = []
+    for name, node in logger_cfg.items():
+        if node is not None and "_target_" in node:
+            log.info("  %s <%s>", name, node._target_)
+            loggers.append(hydra.utils.instantiate(node))
+    return loggers
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        train(cfg)
+    except ConfigError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    return None
+
+
+if __name__ == "__main__":
+    main()
