@@ -76,8 +76,6 @@ def build_callbacks(callbacks_cfg: DictConfig | None, model: L.LightningModule) 
         checkpoint_cfg.monitor = model.monitor
         checkpoint_cfg.mode = model.monitor_mode
         log.info("Best checkpoint chosen by %s (%s)", model.monitor, model.monitor_mode)
-    elif checkpoint_cfg is not None and checkpoint_cfg.get("mode") is None:
-        checkpoint_cfg.mode = "min"
 
     callbacks = []
     for name, node in callbacks_cfg.items():

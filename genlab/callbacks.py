@@ -32,7 +32,8 @@ class RunSummary(Callback):
         self.best: dict[str, float] = {}
         self.final: dict[str, float] = {}
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Epoch-level metrics reach callback_metrics after on_validation_epoch_end hooks run.
         if trainer.sanity_checking:
             return
         for key, value in trainer.callback_metrics.items():
@@ -96,12 +97,17 @@ def _print_summary(summary: dict) -> None:
 
     console = Console()
     console.print(table)
-    console.print(f"Run directory:    {summary['run_dir']}")
-    console.print(f"Best checkpoint:  {summary['best_checkpoint'] or '(none)'}")
-    console.print(f"Last checkpoint:  {summary['last_checkpoint'] or '(none)'}")
-    console.print(f"Sample images:    {summary['samples_dir'] or '(none)'}")
+    lines = [
+        f"Run directory:    {summary['run_dir']}",
+        f"Best checkpoint:  {summary['best_checkpoint'] or '(none)'}",
+        f"Last checkpoint:  {summary['last_checkpoint'] or '(none)'}",
+        f"Samples:          {summary['samples_dir'] or '(none)'}",
+    ]
     if summary["wandb_sync"]:
-        console.print(f"W&B ran offline; upload with: {summary['wandb_sync']}")
+        lines.append(f"W&B ran offline; upload with: {summary['wandb_sync']}")
+    for line in lines:
+        # Paths stay on one line so that they can be copied from the terminal.
+        console.print(line, soft_wrap=True, highlight=False)
 
 
 def _format(value: float | None) -> str:
