@@ -77,6 +77,14 @@ def build_callbacks(callbacks_cfg: DictConfig | None, model: L.LightningModule) 
         checkpoint_cfg.mode = model.monitor_mode
         log.info("Best checkpoint chosen by %s (%s)", model.monitor, model.monitor_mode)
 
+        # FID is only logged every fid.every_n_epochs validations; ModelCheckpoint fails on
+        # an epoch without its monitored metric, so it saves on the FID epochs alone.
+        # NOTE: this assumes validation every epoch (trainer.check_val_every_n_epoch=1).
+        fid_settings = getattr(model, "fid_settings", None)
+        if fid_settings is not None and model.monitor == fid_settings.key and fid_settings.every_n_epochs > 1:
+            checkpoint_cfg.every_n_epochs = fid_settings.every_n_epochs
+            log.info("Checkpoints are saved every %d epochs, with FID", fid_settings.every_n_epochs)
+
     callbacks = []
     for name, node in callbacks_cfg.items():
         if node is not None and "_target_" in node:

@@ -65,8 +65,8 @@ def _int(value: Any) -> bool:
 # applies wherever an argument of that name appears, so a new model gets them for free.
 VALUE_RULES = (
     Rule("lr", lambda v: _number(v) and v > 0, "a number > 0"),
-    Rule("lr_g", lambda v: _number(v) and v > 0, "a number > 0"),
-    Rule("lr_d", lambda v: _number(v) and v > 0, "a number > 0"),
+    Rule("generator_lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    Rule("discriminator_lr", lambda v: _number(v) and v > 0, "a number > 0"),
     Rule("min_lr", lambda v: _number(v) and v >= 0, "a number >= 0"),
     Rule("weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
     Rule("batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
@@ -89,7 +89,13 @@ VALUE_RULES = (
     Rule("n_embd", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     Rule("num_samples", lambda v: _int(v) and v >= 2, "an integer >= 2"),
     Rule("every_n_epochs", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    Rule("temperature", lambda v: _number(v) and v > 0, "a number > 0"),
+    Rule("width", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    Rule("generator_width", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    Rule("discriminator_width", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    Rule("num_grid_samples", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    Rule("sample_length", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    Rule("sample_temperature", lambda v: _number(v) and v > 0, "a number > 0"),
+    Rule("sample_top_k", lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 or null"),
 )
 
 TRAINER_RULES = (
@@ -223,7 +229,8 @@ def _check_pairing(model_cls: type, data_cls: type, choices: dict[str, str]) -> 
     return [f"model={model_name} cannot train on data={data_name}: {model_cls.__name__} is a "
             f"{model_modality} model and {data_cls.__name__} provides {data_modality} data. "
             f"Pick {model_modality} data ({', '.join(f'data={n}' for n in fitting_data)}) "
-            f"or a {data_modality} model ({', '.join(f'model={n}' for n in fitting_models)})."]
+            f"or a model for {data_modality} data "
+            f"({', '.join(f'model={n}' for n in fitting_models)})."]
 
 
 def _group_options(group: str, modality: str) -> list[str]:

@@ -71,12 +71,14 @@ def resolve_wandb_mode(mode: str) -> str:
     if mode != "auto":
         return mode
 
-    host = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL)).hostname or ""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL))
+    host = url.hostname or ""
+    port = url.port or (80 if url.scheme == "http" else 443)
     if not _has_api_key(host):
         log.info("No W&B API key found (WANDB_API_KEY or ~/.netrc), so W&B runs offline")
         return "offline"
-    if not _is_reachable(host):
-        log.info("W&B server %s is unreachable, so W&B runs offline", host)
+    if not _is_reachable(host, port):
+        log.info("W&B server %s:%d is unreachable, so W&B runs offline", host, port)
         return "offline"
     return "online"
 
@@ -91,7 +93,7 @@ def _has_api_key(host: str) -> bool:
         return False
 
 
-def _is_reachable(host: str, port: int = 443) -> bool:
+def _is_reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
             return True

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -26,7 +27,7 @@ def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
     """Compose conf/train.yaml as train.py would, with every path inside tmp_path."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
+        cfg = hydra_compose(
             config_name="train",
             overrides=[
                 f"hydra.run.dir={tmp_path / 'run'}",
@@ -36,9 +37,10 @@ def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
             ],
             return_hydra_config=True,
         )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
+    with open_dict(cfg), read_write(cfg.hydra):
         cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.runtime.cwd = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
     return cfg
 
 
