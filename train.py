@@ -40,10 +40,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     log.info("Building datamodule <%s>", cfg.data._target_)
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    # _convert_="all" passes plain dicts and lists, so the hyperparameters stored in
+    # checkpoints load with torch.load(weights_only=True), torch's default since 2.6.
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
 
     log.info("Building model <%s>", cfg.model._target_)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model, **datamodule.model_inputs())
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all", **datamodule.model_inputs())
 
     log.info("Building callbacks")
     callbacks = build_callbacks(cfg.get("callbacks"), model)

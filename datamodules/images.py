@@ -107,6 +107,17 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
+    @classmethod
+    def config_problems(cls, node: dict[str, Any]) -> list[str]:
+        """Return the problems of a data config node that the config validator reports.
+
+        Each problem starts with the key it concerns, without the "data." prefix.
+        """
+        source = node.get("source")
+        if source not in SOURCES:
+            return [f"source must be one of {SOURCES}, got {source!r}"]
+        return source_problems(source, node.get("root"), node.get("download"), node.get("path"))
+
     def model_inputs(self) -> dict[str, int]:
         """Return the model constructor arguments that depend on the data; reads no data."""
         return {"image_size": self.image_size, "channels": self.channels}
@@ -392,25 +403,36 @@ def _check_args(
     ):
         raise ValueError(f"data.val_fraction must be a number in (0, 1), got {val_fraction!r}")
 
-    # Settings that the chosen source does not read are errors, not silently ignored.
+    problems = source_problems(source, root, download, path)
+    if problems:
+        raise ValueError(f"data.{problems[0]}")
+
+
+def source_problems(source: str, root: Any, download: Any, path: Any) -> list[str]:
+    """Return the problems of root, download and path for `source`, each starting with its key.
+
+    Settings that the chosen source does not read are problems, not silently ignored.
+    """
     torchvision_names = tuple(TORCHVISION_SOURCES)
+    problems = []
     if source in TORCHVISION_SOURCES and root is None:
-        raise ValueError(
-            f"data.root must be set for data.source={source!r}: the folder that contains its files"
+        problems.append(
+            f"root must be set for data.source={source!r}: the folder that contains its files"
         )
     if source not in TORCHVISION_SOURCES and root is not None:
-        raise ValueError(
-            f"data.root is only read by the sources {torchvision_names}; "
+        problems.append(
+            f"root is only read by the sources {torchvision_names}; "
             f"remove it for data.source={source!r}"
         )
     if download and source not in TORCHVISION_SOURCES:
-        raise ValueError(
-            f"data.download is only read by the sources {torchvision_names}; "
+        problems.append(
+            f"download is only read by the sources {torchvision_names}; "
             f"set it to false for data.source={source!r}"
         )
     if source == "folder" and path is None:
-        raise ValueError("data.path must be set for data.source='folder': the directory of images")
+        problems.append("path must be set for data.source='folder': the directory of images")
     if source != "folder" and path is not None:
-        raise ValueError(
-            f"data.path is only read by data.source='folder'; remove it for data.source={source!r}"
+        problems.append(
+            f"path is only read by data.source='folder'; remove it for data.source={source!r}"
         )
+    return problems

@@ -145,6 +145,11 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
         if isinstance(node, dict):
             problems += _check_arguments(node, group, ignore=DATA_PROVIDED_KEYS if group == "model" else ())
             problems += _check_rules(node, group, VALUE_RULES)
+    for group, cls in (("model", model_cls), ("data", data_cls)):
+        # Constraints that tie several arguments together live with the class itself.
+        check = getattr(cls, "config_problems", None)
+        if check is not None:
+            problems += [f"{group}.{problem}" for problem in check(container[group])]
     if model_cls is not None:
         problems += [f"model.{key} is set in the config, but it comes from the datamodule; "
                      f"remove model.{key} and set it under data instead."

@@ -104,7 +104,7 @@ class FIDSettings:
         unknown = sorted(set(node) - known)
         if unknown:
             raise ValueError(
-                f"unknown key(s) {unknown} in model.fid; the allowed keys are {sorted(known)}"
+                f"model.fid has unknown key(s) {unknown}; the allowed keys are {sorted(known)}"
             )
         path = node.get("inception_weights_path")
         return cls(

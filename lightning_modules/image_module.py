@@ -25,6 +25,7 @@ FID_BATCH_SIZE = 128
 # curve of a run smoother, because sampling noise does not vary between evaluations.
 FID_SEED = 1234
 
+
 def shard_size(total: int, rank: int, world_size: int) -> int:
     """Return how many of `total` items rank `rank` handles; the shares differ by at most 1."""
     return total // world_size + (1 if rank < total % world_size else 0)
@@ -56,6 +57,18 @@ class ImageGenerativeModule(L.LightningModule):
         self._real_statistics_done = False
         # object.__setattr__ skips nn.Module.__setattr__, which would register the metric.
         object.__setattr__(self, "_fid_metric", None)
+
+    @classmethod
+    def config_problems(cls, node: Mapping[str, Any]) -> list[str]:
+        """Return the problems of a model config node that the config validator reports.
+
+        Each problem starts with the key it concerns, without the "model." prefix.
+        """
+        try:
+            FIDSettings.from_config(node.get("fid"))
+        except ValueError as error:
+            return [str(error).removeprefix("model.")]
+        return []
 
     # ------------------------------------------------------------------ interface
 

@@ -89,6 +89,14 @@ class VAE(ImageGenerativeModule):
         )
         self.register_buffer("fixed_latents", latents, persistent=True)
 
+    @classmethod
+    def config_problems(cls, node: Mapping[str, Any]) -> list[str]:
+        problems = super().config_problems(node)
+        likelihood = node.get("likelihood", "bernoulli")
+        if likelihood not in LIKELIHOODS:
+            problems.append(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        return problems
+
     @property
     def monitor(self) -> str:
         return "val/nelbo"

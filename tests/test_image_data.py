@@ -365,3 +365,24 @@ def test_val_fraction_keeps_one_image_each_side():
 
     assert len(datamodule.val_set) == 1
     assert len(datamodule.train_set) == 1796
+
+
+def test_config_problems_list_source_mismatches():
+    node = {"source": "digits", "root": "/data", "download": True, "path": "/images"}
+
+    problems = ImageDataModule.config_problems(node)
+
+    assert len(problems) == 3
+    assert problems[0].startswith("root is only read")
+    assert problems[1].startswith("download is only read")
+    assert problems[2].startswith("path is only read")
+
+
+def test_config_problems_empty_for_valid_node():
+    node = {"source": "mnist", "root": "/data", "download": True, "image_size": 28}
+
+    assert ImageDataModule.config_problems(node) == []
+    assert ImageDataModule.config_problems({"source": "svhn"}) == [
+        "source must be one of ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'folder'), "
+        "got 'svhn'"
+    ]

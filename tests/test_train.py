@@ -33,7 +33,7 @@ def default_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("default_run")
     result = run_train([*SMOKE, "seed=0"], cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cwd, result, single_run_dir(cwd, "digits_vae")
+    return cwd, result, single_run_dir(cwd, "vae_digits")
 
 
 def test_default_run_saves_resolved_config(default_run):
@@ -109,7 +109,7 @@ def test_seed_makes_runs_reproducible(default_run, tmp_path):
     result = run_train([*SMOKE, "seed=0"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((first_dir / "summary.json").read_text())["final"]
-    second = json.loads((single_run_dir(tmp_path, "digits_vae") / "summary.json").read_text())["final"]
+    second = json.loads((single_run_dir(tmp_path, "vae_digits") / "summary.json").read_text())["final"]
     assert first["val/nelbo"] == second["val/nelbo"]
     assert first["train/loss"] == second["train/loss"]
 
@@ -119,7 +119,7 @@ def test_different_seeds_give_different_runs(default_run, tmp_path):
     result = run_train([*SMOKE, "seed=1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((first_dir / "summary.json").read_text())["final"]
-    other = json.loads((single_run_dir(tmp_path, "digits_vae") / "summary.json").read_text())["final"]
+    other = json.loads((single_run_dir(tmp_path, "vae_digits") / "summary.json").read_text())["final"]
     assert first["val/nelbo"] != other["val/nelbo"]
 
 
@@ -127,10 +127,12 @@ def test_resume_continues_from_checkpoint(default_run, tmp_path):
     _, _, first_dir = default_run
     last = first_dir / "checkpoints" / "last.ckpt"
     steps_before = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    result = run_train(["debug=smoke", "trainer.max_steps=8", "trainer.max_epochs=2",
+    # last.ckpt is saved at the validation that ends epoch 0, before Lightning marks the
+    # epoch complete, so the resumed run counts that epoch again: max_epochs leaves room.
+    result = run_train(["debug=smoke", "trainer.max_steps=8", "trainer.max_epochs=3",
                         f"ckpt_path={last}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = json.loads((single_run_dir(tmp_path, "digits_vae") / "summary.json").read_text())
+    resumed = json.loads((single_run_dir(tmp_path, "vae_digits") / "summary.json").read_text())
     assert steps_before == 4
     assert resumed["global_step"] == 8
 
@@ -176,8 +178,8 @@ def test_cfg_job_prints_composed_config(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "task_name", "metric"),
     [
-        (["experiment=embedded_gpt"], "embedded_gpt", "val/ppl"),
-        (["model=gan", "model.fid.num_samples=16"], "digits_vae", "train/g_loss"),
+        (["experiment=embedded_gpt"], "gpt_embedded_text", "val/ppl"),
+        (["model=gan", "model.fid.num_samples=16"], "gan_digits", "train/g_loss"),
     ],
 )
 def test_other_models_train_through_train_py(tmp_path, overrides, task_name, metric):

@@ -275,3 +275,16 @@ def test_vae_invalid_arguments_raise(kwargs: dict, message: str):
 def test_vae_rejects_unsupported_image_size():
     with pytest.raises(ValueError, match="data.image_size"):
         VAE(image_size=18, channels=1)
+
+
+def test_config_problems_of_model_node():
+    valid = {"likelihood": "gaussian", "fid": {"extractor": "randconv", "num_samples": 10}}
+    invalid = {"likelihood": "poisson", "fid": {"extractor": "randconv", "samples": 10}}
+
+    problems = VAE.config_problems(invalid)
+
+    assert VAE.config_problems(valid) == []
+    assert VAE.config_problems({"fid": None}) == []
+    assert len(problems) == 2
+    assert problems[0].startswith("fid has unknown key(s) ['samples']")
+    assert problems[1].startswith("likelihood must be one of")
