@@ -47,11 +47,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Building model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all", **datamodule.model_inputs())
 
-    log.info("Building callbacks")
-    callbacks = build_callbacks(cfg.get("callbacks"), model)
-
     log.info("Building loggers")
     loggers = build_loggers(cfg.get("logger"))
+
+    log.info("Building callbacks")
+    callbacks = build_callbacks(cfg.get("callbacks"), model, has_loggers=bool(loggers))
 
     log.info("Building trainer <%s>", cfg.trainer._target_)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -69,7 +69,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def build_callbacks(callbacks_cfg: DictConfig | None, model: L.LightningModule) -> list[Callback]:
+def build_callbacks(
+    callbacks_cfg: DictConfig | None, model: L.LightningModule, has_loggers: bool
+) -> list[Callback]:
     """Instantiate the callbacks; an unset checkpoint monitor follows the model's main metric."""
     if not callbacks_cfg:
         return []
@@ -89,9 +91,14 @@ def build_callbacks(callbacks_cfg: DictConfig | None, model: L.LightningModule) 
 
     callbacks = []
     for name, node in callbacks_cfg.items():
-        if node is not None and "_target_" in node:
-            log.info("  %s <%s>", name, node._target_)
-            callbacks.append(hydra.utils.instantiate(node))
+        if node is None or "_target_" not in node:
+            continue
+        if node._target_.endswith(".LearningRateMonitor") and not has_loggers:
+            # LearningRateMonitor raises without a logger to write to.
+            log.info("  %s skipped: there is no logger", name)
+            continue
+        log.info("  %s <%s>", name, node._target_)
+        callbacks.append(hydra.utils.instantiate(node))
     return callbacks
 
 

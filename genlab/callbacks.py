@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 class RunSummary(Callback):
     """Track the best value of every validation metric and report the run when fit ends.
 
-    Every `val/*` metric in genlab is better when lower (losses, perplexity, negative ELBO,
-    bits per dimension, FID), so the best value is the minimum. The report is printed and
+    The best value is tracked for the validation metrics that are better when lower
+    (losses, perplexity, negative ELBO, bits, reconstruction error, FID); metrics without a
+    direction, such as the KL term or a GAN's losses, get only a final value. The report is printed and
     written to `<run dir>/summary.json`: final and best metrics, the run directory, the best
     and last checkpoints, the sample images and, for offline W&B runs, the sync command.
     """
@@ -41,7 +42,7 @@ class RunSummary(Callback):
                 continue
             value = float(value)
             self.final[key] = value
-            if not math.isnan(value) and value < self.best.get(key, math.inf):
+            if is_lower_better(key) and not math.isnan(value) and value < self.best.get(key, math.inf):
                 self.best[key] = value
 
     def state_dict(self) -> dict:
@@ -83,6 +84,18 @@ class RunSummary(Callback):
                 # experiment.dir is <run>/wandb/offline-run-<time>-<id>/files.
                 summary["wandb_sync"] = f"wandb sync {Path(logger.experiment.dir).parent}"
         return summary
+
+
+# Beginnings of the validation metric names (after "val/") that are better when lower.
+# "loss" must match exactly: a GAN's d_loss and g_loss do not fall steadily as the
+# generator improves.
+LOWER_IS_BETTER_PREFIXES = ("nelbo", "bpd", "bpt", "ppl", "recon", "fid")
+
+
+def is_lower_better(key: str) -> bool:
+    """Whether the metric `key` (such as "val/fid_randconv_1000") is better when lower."""
+    name = key.split("/", 1)[-1]
+    return name == "loss" or name.startswith(LOWER_IS_BETTER_PREFIXES)
 
 
 def _print_summary(summary: dict) -> None:

@@ -187,3 +187,11 @@ def test_other_models_train_through_train_py(tmp_path, overrides, task_name, met
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((single_run_dir(tmp_path, task_name) / "summary.json").read_text())
     assert metric in summary["final"]
+
+
+def test_run_without_loggers_trains(tmp_path):
+    result = run_train([*SMOKE, "logger=none"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = single_run_dir(tmp_path, "vae_digits")
+    assert not (run_dir / "wandb").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
