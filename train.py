@@ -12,7 +12,9 @@ checkpoints (best and last), sample images, the CSV metrics and the W&B run file
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -44,8 +46,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # checkpoints load with torch.load(weights_only=True), torch's default since 2.6.
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
 
+    log.info("Preparing data")
+    try:
+        # Downloads or checks the files now, so that missing data fails before a W&B run
+        # or a model exists. Lightning calls prepare_data again; it returns at once then.
+        datamodule.prepare_data()
+        model_inputs = datamodule.model_inputs()
+    except FileNotFoundError as error:
+        raise DataNotFoundError(str(error)) from error
+
     log.info("Building model <%s>", cfg.model._target_)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all", **datamodule.model_inputs())
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all", **model_inputs)
 
     log.info("Building loggers")
     loggers = build_loggers(cfg.get("logger"))
@@ -113,14 +124,26 @@ def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     return loggers
 
 
+class DataNotFoundError(Exception):
+    """The data a run needs is neither on disk nor downloadable; the message says where to put it."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         train(cfg)
-    except ConfigError as error:
+    except (ConfigError, DataNotFoundError) as error:
         log.error("%s", error)
-        sys.exit(2)
+        _remove_unused_run_dir(Path(cfg.paths.output_dir))
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
     return None
+
+
+def _remove_unused_run_dir(run_dir: Path) -> None:
+    """Delete a run directory that holds nothing but Hydra's files from this rejected start."""
+    if run_dir.is_dir() and {path.name for path in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        logging.shutdown()
+        shutil.rmtree(run_dir)
 
 
 if __name__ == "__main__":

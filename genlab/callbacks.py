@@ -66,16 +66,19 @@ class RunSummary(Callback):
             if key.startswith("train/"):
                 self.final[key] = float(value)
 
-        checkpoint = trainer.checkpoint_callback
+        # The best checkpoint comes from the callback with a monitor, the last one from the
+        # callback without (see conf/callbacks/default.yaml).
+        checkpoints = trainer.checkpoint_callbacks
+        best = next((c.best_model_path for c in checkpoints if c.monitor is not None), "")
+        last = next((c.last_model_path or c.best_model_path for c in checkpoints if c.monitor is None), "")
         sample_folder = samples_dir(trainer)
         summary = {
             "run_dir": str(Path(trainer.default_root_dir).resolve()),
             "global_step": trainer.global_step,
-            "epoch": trainer.current_epoch,
             "final": dict(sorted(self.final.items())),
             "best": dict(sorted(self.best.items())),
-            "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
-            "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
+            "best_checkpoint": best or None,
+            "last_checkpoint": last or None,
             "samples_dir": str(sample_folder.resolve()) if sample_folder.exists() else None,
             "wandb_sync": None,
         }

@@ -123,7 +123,12 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
         problems.append(f"{key} is missing: this value is mandatory (??? in the config). "
                         f"Set it on the command line, e.g. {key}=<value>.")
     if missing:
-        # Nothing below can resolve a config with holes in it.
+        # The rest of the checks need a resolvable config; the pairing of model and data
+        # only needs the two targets, so it is still reported.
+        model_cls = _import_target(_plain_target(cfg, "model"), "model", problems)
+        data_cls = _import_target(_plain_target(cfg, "data"), "data", problems)
+        if model_cls is not None and data_cls is not None:
+            problems += _check_pairing(model_cls, data_cls, choices)
         raise ConfigError(problems)
 
     try:
@@ -159,6 +164,7 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
     if isinstance(trainer, dict):
         problems += _check_arguments(trainer, "trainer")
         problems += _check_rules(trainer, "trainer", TRAINER_RULES, recurse=False)
+        problems += _check_validation_schedule(trainer)
 
     for group in ("callbacks", "logger"):
         for name, node in (container.get(group) or {}).items():
@@ -167,6 +173,14 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
 
     if problems:
         raise ConfigError(problems)
+
+
+def _plain_target(cfg: DictConfig, group: str) -> dict:
+    """Return {"_target_": ...} of a config group without resolving the rest of it."""
+    node = cfg.get(group)
+    if isinstance(node, DictConfig) and "_target_" in node:
+        return {"_target_": node._target_}
+    return {}
 
 
 def _missing_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> Iterator[str]:
@@ -204,6 +218,17 @@ def _check_ckpt_path(ckpt_path: Any) -> list[str]:
             f"earlier run (<run dir>/checkpoints/last.ckpt) or set ckpt_path=null."]
 
 
+def _check_validation_schedule(trainer: dict) -> list[str]:
+    """Reject a step-based validation interval that the run never reaches."""
+    interval = trainer.get("val_check_interval")
+    max_steps = trainer.get("max_steps", -1)
+    if not (_int(interval) and _int(max_steps) and max_steps > 0 and interval > max_steps):
+        return []
+    return [f"trainer.val_check_interval={interval} is larger than trainer.max_steps={max_steps}, "
+            f"so the run would never validate and no best checkpoint could be chosen. Set "
+            f"trainer.val_check_interval to at most {max_steps}."]
+
+
 def _import_target(node: Any, group: str, problems: list[str]) -> type | None:
     if not isinstance(node, dict) or "_target_" not in node:
         problems.append(f"{group} has no _target_: pick a {group} config, e.g. {group}=<name> "
@@ -231,8 +256,9 @@ def _check_pairing(model_cls: type, data_cls: type, choices: dict[str, str]) -> 
     data_name = choices.get("data", data_cls.__name__)
     fitting_data = _group_options("data", model_modality)
     fitting_models = _group_options("model", data_modality)
-    return [f"model={model_name} cannot train on data={data_name}: {model_cls.__name__} is a "
-            f"{model_modality} model and {data_cls.__name__} provides {data_modality} data. "
+    article = "an" if model_modality[0] in "aeiou" else "a"
+    return [f"model={model_name} cannot train on data={data_name}: {model_cls.__name__} is "
+            f"{article} {model_modality} model and {data_cls.__name__} provides {data_modality} data. "
             f"Pick {model_modality} data ({', '.join(f'data={n}' for n in fitting_data)}) "
             f"or a model for {data_modality} data "
             f"({', '.join(f'model={n}' for n in fitting_models)})."]

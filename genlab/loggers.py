@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import wandb
 from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ def wandb_logger(
         save_dir=save_dir,
         offline=resolved == "offline",
         mode=resolved,
+        # The run summary gives the sync command; W&B's own end-of-run history table would
+        # push it out of view.
+        settings=wandb.Settings(quiet=True),
     )
 
 

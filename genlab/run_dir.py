@@ -9,8 +9,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import hydra
 import lightning
 import torch
+import torchmetrics
+import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.config_check import ConfigError
@@ -43,6 +46,9 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
+        "hydra": hydra.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "wandb": wandb.__version__,
     }
     (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
     return run_dir

@@ -78,9 +78,24 @@ def test_image_model_on_text_data_is_rejected(compose):
 
 def test_missing_mandatory_value_is_named(compose):
     problems = problems_of(compose("data=text_file", "model=gpt"))
-    assert problems == [problems[0]]
+    assert len(problems) == 1
     assert "data.path is missing" in problems[0]
     assert "data.path=<value>" in problems[0]
+
+
+def test_missing_value_and_wrong_pairing_listed_together(compose):
+    problems = problems_of(compose("data=text_file"))
+    assert len(problems) == 2
+    assert "data.path is missing" in problems[0]
+    assert "model=vae cannot train on data=text_file: VAE is an image model" in problems[1]
+
+
+def test_validation_interval_beyond_max_steps_is_rejected(compose):
+    problems = problems_of(compose("experiment=embedded_gpt", "trainer.max_steps=200"))
+    assert len(problems) == 1
+    assert "trainer.val_check_interval=250" in problems[0]
+    assert "trainer.max_steps=200" in problems[0]
+    assert "at most 200" in problems[0]
 
 
 def test_negative_learning_rate_is_rejected(compose):

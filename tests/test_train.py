@@ -144,6 +144,17 @@ def test_invalid_config_exits_with_message(tmp_path):
     assert "Invalid configuration (2 problems)" in output
     assert "model=gpt cannot train on data=digits" in output
     assert "data.batch_size=0" in output
+    assert list((tmp_path / "logs").glob("*/runs/*")) == [], "a rejected run left its directory"
+
+
+def test_missing_data_file_exits_with_message(tmp_path):
+    missing = tmp_path / "missing.txt"
+    result = run_train(["model=gpt", "data=text_file", f"data.path={missing}"], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert str(missing) in output
+    assert "Traceback" not in output
+    assert not list((tmp_path / "logs").glob("*/runs/*/wandb"))
 
 
 def test_existing_checkpoints_are_never_overwritten(tmp_path):
