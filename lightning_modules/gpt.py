@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -48,6 +48,27 @@ class GPT(L.LightningModule):
     """
 
     modality = "text"
+
+    @classmethod
+    def config_problems(cls, node: Mapping[str, Any]) -> list[str]:
+        """Return the problems between arguments that the config validator reports.
+
+        Each problem starts with the key it concerns, without the "model." prefix.
+        """
+        problems = []
+        n_embd, n_head = node.get("n_embd"), node.get("n_head")
+        if isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0 and n_embd % n_head:
+            problems.append(f"n_embd={n_embd} is not divisible by n_head={n_head}, but each head "
+                            f"gets n_embd // n_head channels. Pick n_embd as a multiple of n_head.")
+        lr, min_lr = node.get("lr"), node.get("min_lr")
+        if isinstance(lr, (int, float)) and isinstance(min_lr, (int, float)) and 0 < lr < min_lr:
+            problems.append(f"min_lr={min_lr} is larger than lr={lr}, so the cosine decay would "
+                            f"raise the learning rate. Set min_lr to at most {lr}.")
+        warmup, decay = node.get("warmup_steps"), node.get("lr_decay_steps")
+        if isinstance(warmup, int) and isinstance(decay, int) and decay < warmup:
+            problems.append(f"lr_decay_steps={decay} is smaller than warmup_steps={warmup}. Set "
+                            f"lr_decay_steps to at least {warmup}, or to null for trainer.max_steps.")
+        return problems
 
     def __init__(
         self,

@@ -166,3 +166,22 @@ def test_error_message_counts_problems():
     assert str(error).startswith("Invalid configuration (2 problems):")
     assert "  1. a is wrong" in str(error)
     assert "  2. b is wrong" in str(error)
+
+
+def test_heads_not_dividing_width_is_rejected(compose):
+    problems = problems_of(compose("experiment=embedded_gpt", "model.n_embd=130", "model.n_head=4"))
+    assert len(problems) == 1
+    assert "model.n_embd=130 is not divisible by n_head=4" in problems[0]
+
+
+def test_min_lr_above_lr_is_rejected(compose):
+    problems = problems_of(compose("experiment=embedded_gpt", "model.lr=1e-4", "model.min_lr=1e-3"))
+    assert len(problems) == 1
+    assert "model.min_lr=0.001 is larger than lr=0.0001" in problems[0]
+
+
+def test_bad_fid_extractor_is_rejected(compose):
+    problems = problems_of(compose("model.fid.extractor=clip"))
+    assert len(problems) == 1
+    assert "model.fid.extractor" in problems[0]
+    assert "'clip'" in problems[0]
