@@ -65,7 +65,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg.get("callbacks"), model, has_loggers=bool(loggers))
 
     log.info("Building trainer <%s>", cfg.trainer._target_)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
 
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
@@ -96,7 +98,11 @@ def build_callbacks(
         # an epoch without its monitored metric, so it saves on the FID epochs alone.
         # NOTE: this assumes validation every epoch (trainer.check_val_every_n_epoch=1).
         fid_settings = getattr(model, "fid_settings", None)
-        if fid_settings is not None and model.monitor == fid_settings.key and fid_settings.every_n_epochs > 1:
+        if (
+            fid_settings is not None
+            and model.monitor == fid_settings.key
+            and fid_settings.every_n_epochs > 1
+        ):
             checkpoint_cfg.every_n_epochs = fid_settings.every_n_epochs
             log.info("Checkpoints are saved every %d epochs, with FID", fid_settings.every_n_epochs)
 
@@ -125,7 +131,10 @@ def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
 
 
 class DataNotFoundError(Exception):
-    """The data a run needs is neither on disk nor downloadable; the message says where to put it."""
+    """The data a run needs is neither on disk nor downloadable.
+
+    The message names the missing files and the folder to put them in.
+    """
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

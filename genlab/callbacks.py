@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 class RunSummary(Callback):
     """Track the best value of every validation metric and report the run when fit ends.
 
-    The best value is tracked for the validation metrics that are better when lower
-    (losses, perplexity, negative ELBO, bits, reconstruction error, FID); metrics without a
-    direction, such as the KL term or a GAN's losses, get only a final value. The report is printed and
-    written to `<run dir>/summary.json`: final and best metrics, the run directory, the best
-    and last checkpoints, the sample images and, for offline W&B runs, the sync command.
+    The best value is tracked for the validation metrics that are better when lower:
+    losses, perplexity, negative ELBO, bits, reconstruction error and FID. Metrics without a
+    direction, such as the KL term or a GAN's losses, get only a final value.
+
+    The report is printed and written to `<run dir>/summary.json`: final and best metrics,
+    the run directory, the best and last checkpoints, the sample images and, for offline
+    W&B runs, the sync command.
     """
 
     def __init__(self) -> None:
@@ -42,7 +44,11 @@ class RunSummary(Callback):
                 continue
             value = float(value)
             self.final[key] = value
-            if is_lower_better(key) and not math.isnan(value) and value < self.best.get(key, math.inf):
+            if (
+                is_lower_better(key)
+                and not math.isnan(value)
+                and value < self.best.get(key, math.inf)
+            ):
                 self.best[key] = value
 
     def state_dict(self) -> dict:
@@ -70,7 +76,9 @@ class RunSummary(Callback):
         # callback without (see conf/callbacks/default.yaml).
         checkpoints = trainer.checkpoint_callbacks
         best = next((c.best_model_path for c in checkpoints if c.monitor is not None), "")
-        last = next((c.last_model_path or c.best_model_path for c in checkpoints if c.monitor is None), "")
+        last = next(
+            (c.last_model_path or c.best_model_path for c in checkpoints if c.monitor is None), ""
+        )
         sample_folder = samples_dir(trainer)
         summary = {
             "run_dir": str(Path(trainer.default_root_dir).resolve()),

@@ -23,15 +23,36 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Keys that train.py reads at the top level of the config.
-TOP_LEVEL_KEYS = ("task_name", "seed", "ckpt_path", "tags", "model", "data", "trainer", "logger",
-                  "callbacks", "paths")
+TOP_LEVEL_KEYS = (
+    "task_name",
+    "seed",
+    "ckpt_path",
+    "tags",
+    "model",
+    "data",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+)
 
 # Model constructor arguments that train.py fills in from the datamodule's model_inputs().
 DATA_PROVIDED_KEYS = ("image_size", "channels", "vocab_size", "block_size", "tokenizer")
 
 TRAINER_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-TRAINER_PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16",
-                      "bf16-mixed", "bf16-true", "transformer-engine")
+TRAINER_PRECISIONS = (
+    "64",
+    "64-true",
+    "32",
+    "32-true",
+    "16",
+    "16-mixed",
+    "16-true",
+    "bf16",
+    "bf16-mixed",
+    "bf16-true",
+    "transformer-engine",
+)
 
 
 class ConfigError(ValueError):
@@ -75,8 +96,15 @@ VALUE_RULES = (
     Rule("val_fraction", lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),
     Rule("dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     Rule("beta", lambda v: _number(v) and v >= 0, "a number >= 0"),
-    Rule("betas", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
-         and all(_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9, 0.99]"),
+    Rule(
+        "betas",
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(_number(b) and 0 <= b < 1 for b in v)
+        ),
+        "two numbers in [0, 1), e.g. [0.9, 0.99]",
+    ),
     Rule("warmup_steps", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     Rule("kl_warmup_steps", lambda v: _int(v) and v >= 0, "an integer >= 0"),
     Rule("lr_decay_steps", lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 or null"),
@@ -99,13 +127,35 @@ VALUE_RULES = (
 )
 
 TRAINER_RULES = (
-    Rule("max_epochs", lambda v: v is None or (_int(v) and v >= -1), "an integer >= 1, or -1 for no limit"),
-    Rule("max_steps", lambda v: _int(v) and (v == -1 or v >= 1), "an integer >= 1, or -1 for no limit"),
-    Rule("accelerator", lambda v: v in TRAINER_ACCELERATORS, f"one of {', '.join(TRAINER_ACCELERATORS)}"),
-    Rule("precision", lambda v: str(v) in TRAINER_PRECISIONS, f"one of {', '.join(TRAINER_PRECISIONS)}"),
-    Rule("gradient_clip_val", lambda v: v is None or (_number(v) and v > 0), "a number > 0 or null"),
+    Rule(
+        "max_epochs",
+        lambda v: v is None or (_int(v) and v >= -1),
+        "an integer >= 1, or -1 for no limit",
+    ),
+    Rule(
+        "max_steps",
+        lambda v: _int(v) and (v == -1 or v >= 1),
+        "an integer >= 1, or -1 for no limit",
+    ),
+    Rule(
+        "accelerator",
+        lambda v: v in TRAINER_ACCELERATORS,
+        f"one of {', '.join(TRAINER_ACCELERATORS)}",
+    ),
+    Rule(
+        "precision",
+        lambda v: str(v) in TRAINER_PRECISIONS,
+        f"one of {', '.join(TRAINER_PRECISIONS)}",
+    ),
+    Rule(
+        "gradient_clip_val", lambda v: v is None or (_number(v) and v > 0), "a number > 0 or null"
+    ),
     Rule("log_every_n_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    Rule("check_val_every_n_epoch", lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 or null"),
+    Rule(
+        "check_val_every_n_epoch",
+        lambda v: v is None or (_int(v) and v >= 1),
+        "an integer >= 1 or null",
+    ),
 )
 
 
@@ -120,8 +170,10 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
 
     missing = sorted(_missing_keys(cfg))
     for key in missing:
-        problems.append(f"{key} is missing: this value is mandatory (??? in the config). "
-                        f"Set it on the command line, e.g. {key}=<value>.")
+        problems.append(
+            f"{key} is missing: this value is mandatory (??? in the config). "
+            f"Set it on the command line, e.g. {key}=<value>."
+        )
     if missing:
         # The rest of the checks need a resolvable config; the pairing of model and data
         # only needs the two targets, so it is still reported.
@@ -148,7 +200,9 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
     for group in ("model", "data"):
         node = container.get(group)
         if isinstance(node, dict):
-            problems += _check_arguments(node, group, ignore=DATA_PROVIDED_KEYS if group == "model" else ())
+            problems += _check_arguments(
+                node, group, ignore=DATA_PROVIDED_KEYS if group == "model" else ()
+            )
             problems += _check_rules(node, group, VALUE_RULES)
     for group, cls in (("model", model_cls), ("data", data_cls)):
         # Constraints that tie several arguments together live with the class itself.
@@ -156,9 +210,12 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
         if check is not None:
             problems += [f"{group}.{problem}" for problem in check(container[group])]
     if model_cls is not None:
-        problems += [f"model.{key} is set in the config, but it comes from the datamodule; "
-                     f"remove model.{key} and set it under data instead."
-                     for key in DATA_PROVIDED_KEYS if key in container["model"]]
+        problems += [
+            f"model.{key} is set in the config, but it comes from the datamodule; "
+            f"remove model.{key} and set it under data instead."
+            for key in DATA_PROVIDED_KEYS
+            if key in container["model"]
+        ]
 
     trainer = container.get("trainer")
     if isinstance(trainer, dict):
@@ -192,7 +249,9 @@ def _missing_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> Iterator[st
             continue
         node = cfg._get_node(key)
         if isinstance(node, (DictConfig, ListConfig)) and not node._is_interpolation():
-            yield from _missing_keys(node, f"{full_key}." if isinstance(cfg, DictConfig) else full_key)
+            yield from _missing_keys(
+                node, f"{full_key}." if isinstance(cfg, DictConfig) else full_key
+            )
 
 
 def _check_top_level(container: dict) -> list[str]:
@@ -200,8 +259,10 @@ def _check_top_level(container: dict) -> list[str]:
     for key in container:
         if key in TOP_LEVEL_KEYS or key == "hydra":
             continue
-        problems.append(f"{key} is not a known top-level key{_suggest(key, TOP_LEVEL_KEYS)}. "
-                        f"Remove it or correct its spelling.")
+        problems.append(
+            f"{key} is not a known top-level key{_suggest(key, TOP_LEVEL_KEYS)}. "
+            f"Remove it or correct its spelling."
+        )
     return problems
 
 
@@ -214,8 +275,10 @@ def _check_seed(seed: Any) -> list[str]:
 def _check_ckpt_path(ckpt_path: Any) -> list[str]:
     if ckpt_path is None or Path(str(ckpt_path)).is_file():
         return []
-    return [f"ckpt_path={ckpt_path!r}: no such file. Point ckpt_path at a .ckpt file of an "
-            f"earlier run (<run dir>/checkpoints/last.ckpt) or set ckpt_path=null."]
+    return [
+        f"ckpt_path={ckpt_path!r}: no such file. Point ckpt_path at a .ckpt file of an "
+        f"earlier run (<run dir>/checkpoints/last.ckpt) or set ckpt_path=null."
+    ]
 
 
 def _check_validation_schedule(trainer: dict) -> list[str]:
@@ -224,21 +287,27 @@ def _check_validation_schedule(trainer: dict) -> list[str]:
     max_steps = trainer.get("max_steps", -1)
     if not (_int(interval) and _int(max_steps) and max_steps > 0 and interval > max_steps):
         return []
-    return [f"trainer.val_check_interval={interval} is larger than trainer.max_steps={max_steps}, "
-            f"so the run would never validate and no best checkpoint could be chosen. Set "
-            f"trainer.val_check_interval to at most {max_steps}."]
+    return [
+        f"trainer.val_check_interval={interval} is larger than trainer.max_steps={max_steps}, "
+        f"so the run would never validate and no best checkpoint could be chosen. Set "
+        f"trainer.val_check_interval to at most {max_steps}."
+    ]
 
 
 def _import_target(node: Any, group: str, problems: list[str]) -> type | None:
     if not isinstance(node, dict) or "_target_" not in node:
-        problems.append(f"{group} has no _target_: pick a {group} config, e.g. {group}=<name> "
-                        f"with a file from conf/{group}/.")
+        problems.append(
+            f"{group} has no _target_: pick a {group} config, e.g. {group}=<name> "
+            f"with a file from conf/{group}/."
+        )
         return None
     try:
         return _resolve_callable(node["_target_"])
     except (ImportError, AttributeError) as error:
-        problems.append(f"{group}._target_={node['_target_']!r} cannot be imported ({error}). "
-                        f"Check the module path and class name.")
+        problems.append(
+            f"{group}._target_={node['_target_']!r} cannot be imported ({error}). "
+            f"Check the module path and class name."
+        )
         return None
 
 
@@ -257,11 +326,13 @@ def _check_pairing(model_cls: type, data_cls: type, choices: dict[str, str]) -> 
     fitting_data = _group_options("data", model_modality)
     fitting_models = _group_options("model", data_modality)
     article = "an" if model_modality[0] in "aeiou" else "a"
-    return [f"model={model_name} cannot train on data={data_name}: {model_cls.__name__} is "
-            f"{article} {model_modality} model and {data_cls.__name__} provides {data_modality} data. "
-            f"Pick {model_modality} data ({', '.join(f'data={n}' for n in fitting_data)}) "
-            f"or a model for {data_modality} data "
-            f"({', '.join(f'model={n}' for n in fitting_models)})."]
+    return [
+        f"model={model_name} cannot train on data={data_name}: {model_cls.__name__} is "
+        f"{article} {model_modality} model and {data_cls.__name__} provides {data_modality} data. "
+        f"Pick {model_modality} data ({', '.join(f'data={n}' for n in fitting_data)}) "
+        f"or a model for {data_modality} data "
+        f"({', '.join(f'model={n}' for n in fitting_models)})."
+    ]
 
 
 def _group_options(group: str, modality: str) -> list[str]:
@@ -301,8 +372,10 @@ def _check_arguments(node: dict, prefix: str, ignore: tuple[str, ...] = ()) -> l
             continue
         if key not in parameters:
             if not accepts_any:
-                problems.append(f"{prefix}.{key} is not an argument of {target}"
-                                f"{_suggest(key, known)}. Remove it or correct its spelling.")
+                problems.append(
+                    f"{prefix}.{key} is not an argument of {target}"
+                    f"{_suggest(key, known)}. Remove it or correct its spelling."
+                )
             continue
         hint = hints.get(key)
         if hint is not None and not _matches(value, hint):
@@ -310,7 +383,9 @@ def _check_arguments(node: dict, prefix: str, ignore: tuple[str, ...] = ()) -> l
     return problems
 
 
-def _check_rules(node: dict, prefix: str, rules: tuple[Rule, ...], recurse: bool = True) -> list[str]:
+def _check_rules(
+    node: dict, prefix: str, rules: tuple[Rule, ...], recurse: bool = True
+) -> list[str]:
     problems = []
     by_name = {rule.name: rule for rule in rules}
     for key, value in node.items():
@@ -319,8 +394,10 @@ def _check_rules(node: dict, prefix: str, rules: tuple[Rule, ...], recurse: bool
             continue
         rule = by_name.get(key)
         if rule is not None and not rule.is_valid(value):
-            problems.append(f"{prefix}.{key}={value!r} is invalid: it must be {rule.requirement}. "
-                            f"Set {prefix}.{key} to such a value.")
+            problems.append(
+                f"{prefix}.{key}={value!r} is invalid: it must be {rule.requirement}. "
+                f"Set {prefix}.{key} to such a value."
+            )
     return problems
 
 

@@ -38,7 +38,9 @@ def wandb_logger(
     with `wandb sync`.
     """
     if mode not in WANDB_MODES:
-        raise ValueError(f"logger.wandb.mode={mode!r} is invalid: use one of {', '.join(WANDB_MODES)}")
+        raise ValueError(
+            f"logger.wandb.mode={mode!r} is invalid: use one of {', '.join(WANDB_MODES)}"
+        )
 
     resolved = resolve_wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)

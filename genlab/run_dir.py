@@ -28,13 +28,19 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = run_dir / "checkpoints"
     existing = sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
-    resuming_here = cfg.ckpt_path is not None and Path(cfg.ckpt_path).resolve().parent == checkpoint_dir.resolve()
+    resuming_here = (
+        cfg.ckpt_path is not None
+        and Path(cfg.ckpt_path).resolve().parent == checkpoint_dir.resolve()
+    )
     if existing and not resuming_here:
-        raise ConfigError([
-            f"hydra.run.dir={str(run_dir)!r} already holds checkpoints of an earlier run "
-            f"({', '.join(p.name for p in existing)}), and genlab never overwrites them. Resume "
-            f"that run with ckpt_path={checkpoint_dir / 'last.ckpt'}, or pick a new hydra.run.dir."
-        ])
+        raise ConfigError(
+            [
+                f"hydra.run.dir={str(run_dir)!r} already holds checkpoints of an earlier run "
+                f"({', '.join(p.name for p in existing)}), and genlab never overwrites them. "
+                f"Resume that run with ckpt_path={checkpoint_dir / 'last.ckpt'}, or pick a new "
+                f"hydra.run.dir."
+            ]
+        )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -58,11 +64,22 @@ def _git_commit() -> str | None:
     """Commit of the source tree train.py runs from, with "-dirty" when files are modified."""
     source_dir = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=source_dir, capture_output=True, text=True, timeout=10,
-                                check=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=source_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if status.strip() else "")

@@ -19,7 +19,9 @@ MIN_TILE_PIXELS = 32
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     """Arrange images of shape (B, C, H, W) with values in [0, 1] into one (C, H', W') grid."""
     if images.ndim != 4:
-        raise ValueError(f"image_grid expects a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"image_grid expects a (B, C, H, W) tensor, got shape {tuple(images.shape)}"
+        )
     images = images.detach().float().clamp(0, 1).cpu()
     scale = max(1, -(-MIN_TILE_PIXELS // images.shape[-1]))
     if scale > 1:
@@ -44,7 +46,10 @@ def log_image_grid(module: L.LightningModule, key: str, images: torch.Tensor) ->
     trainer = module.trainer
     grid = image_grid(images)
     stem = re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_")
-    path = samples_dir(trainer) / f"{stem}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.png"
+    path = (
+        samples_dir(trainer)
+        / f"{stem}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.png"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)
 

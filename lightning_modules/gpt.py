@@ -66,8 +66,10 @@ class GPT(L.LightningModule):
                             f"raise the learning rate. Set min_lr to at most {lr}.")
         warmup, decay = node.get("warmup_steps"), node.get("lr_decay_steps")
         if isinstance(warmup, int) and isinstance(decay, int) and decay < warmup:
-            problems.append(f"lr_decay_steps={decay} is smaller than warmup_steps={warmup}. Set "
-                            f"lr_decay_steps to at least {warmup}, or to null for trainer.max_steps.")
+            problems.append(
+                f"lr_decay_steps={decay} is smaller than warmup_steps={warmup}. Set "
+                f"lr_decay_steps to at least {warmup}, or to null for trainer.max_steps."
+            )
         return problems
 
     def __init__(

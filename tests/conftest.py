@@ -57,7 +57,11 @@ def run_train(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Co
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENLAB_DATA_DIR": str(cwd / "data")}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -153,8 +153,16 @@ def test_missing_checkpoint_file_is_rejected(compose, tmp_path):
 
 
 def test_every_problem_is_listed_at_once(compose):
-    problems = problems_of(compose("model=gpt", "data=digits", "data.batch_size=0",
-                                   "model.lr=-1", "+model.lrr=2", "seed=-5"))
+    problems = problems_of(
+        compose(
+            "model=gpt",
+            "data=digits",
+            "data.batch_size=0",
+            "model.lr=-1",
+            "+model.lrr=2",
+            "seed=-5",
+        )
+    )
     assert len(problems) == 5
     joined = "\n".join(problems)
     for fragment in ("cannot train on", "data.batch_size=0", "model.lr=-1", "model.lrr", "seed=-5"):

@@ -109,7 +109,9 @@ def test_seed_makes_runs_reproducible(default_run, tmp_path):
     result = run_train([*SMOKE, "seed=0"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((first_dir / "summary.json").read_text())["final"]
-    second = json.loads((single_run_dir(tmp_path, "vae_digits") / "summary.json").read_text())["final"]
+    second = json.loads((single_run_dir(tmp_path, "vae_digits") / "summary.json").read_text())[
+        "final"
+    ]
     assert first["val/nelbo"] == second["val/nelbo"]
     assert first["train/loss"] == second["train/loss"]
 
@@ -119,7 +121,9 @@ def test_different_seeds_give_different_runs(default_run, tmp_path):
     result = run_train([*SMOKE, "seed=1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((first_dir / "summary.json").read_text())["final"]
-    other = json.loads((single_run_dir(tmp_path, "vae_digits") / "summary.json").read_text())["final"]
+    other = json.loads((single_run_dir(tmp_path, "vae_digits") / "summary.json").read_text())[
+        "final"
+    ]
     assert first["val/nelbo"] != other["val/nelbo"]
 
 
@@ -129,8 +133,10 @@ def test_resume_continues_from_checkpoint(default_run, tmp_path):
     steps_before = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     # last.ckpt is saved at the validation that ends epoch 0, before Lightning marks the
     # epoch complete, so the resumed run counts that epoch again: max_epochs leaves room.
-    result = run_train(["debug=smoke", "trainer.max_steps=8", "trainer.max_epochs=3",
-                        f"ckpt_path={last}"], tmp_path)
+    result = run_train(
+        ["debug=smoke", "trainer.max_steps=8", "trainer.max_epochs=3", f"ckpt_path={last}"],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((single_run_dir(tmp_path, "vae_digits") / "summary.json").read_text())
     assert steps_before == 4

@@ -31,11 +31,11 @@ def read_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
         if space_in_block < CHUNK_HEADER:
             offset += space_in_block  # the block's tail is padding
             continue
-        _, length, chunk_type = struct.unpack("<IHB", data[offset:offset + CHUNK_HEADER])
+        _, length, chunk_type = struct.unpack("<IHB", data[offset : offset + CHUNK_HEADER])
         if chunk_type == 0 and length == 0:
             offset += space_in_block
             continue
-        payload = data[offset + CHUNK_HEADER:offset + CHUNK_HEADER + length]
+        payload = data[offset + CHUNK_HEADER : offset + CHUNK_HEADER + length]
         offset += CHUNK_HEADER + length
         if chunk_type in (FULL, FIRST):
             pending = payload
@@ -52,8 +52,12 @@ def read_history(path: Path) -> list[dict]:
     rows = []
     for record in read_records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
     return rows
 
 
