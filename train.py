@@ -149,7 +149,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _remove_unused_run_dir(run_dir: Path) -> None:
-    """Delete a run directory that holds nothing but Hydra's files from this rejected start."""
+    """Delete a run directory that contains nothing but Hydra's files from this rejected start."""
     if run_dir.is_dir() and {path.name for path in run_dir.iterdir()} <= {".hydra", "train.log"}:
         logging.shutdown()
         shutil.rmtree(run_dir)

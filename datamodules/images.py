@@ -16,12 +16,9 @@ random part of the training split, drawn with a torch.Generator seeded by `split
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import logging
 import shutil
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
+
+from genlab.downloads import socket_timeout
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +330,7 @@ def prepare_torchvision_files(source: str, root: Path, download: bool) -> None:
     if download:
         log.info("Downloading %s into %s", source, root)
         try:
-            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            with socket_timeout(DOWNLOAD_TIMEOUT_S):
                 TORCHVISION_SOURCES[source](str(root), train=True, download=True)
         except (OSError, RuntimeError) as error:  # URLError is an OSError.
             download_error = error
@@ -359,15 +358,6 @@ def _extract_gzip_files(folder: Path, names: list[str]) -> None:
             with gzip.open(archive, "rb") as source, open(target, "wb") as destination:
                 shutil.copyfileobj(source, destination)
 
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 # ---------------------------------------------------------------------- argument checks

@@ -104,7 +104,7 @@ LOWER_IS_BETTER_PREFIXES = ("nelbo", "bpd", "bpt", "ppl", "recon", "fid")
 
 
 def is_lower_better(key: str) -> bool:
-    """Whether the metric `key` (such as "val/fid_randconv_1000") is better when lower."""
+    """Return whether the metric `key` (such as "val/fid_randconv_1000") is better when lower."""
     name = key.split("/", 1)[-1]
     return name == "loss" or name.startswith(LOWER_IS_BETTER_PREFIXES)
 

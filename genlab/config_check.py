@@ -402,7 +402,7 @@ def _check_rules(
 
 
 def _matches(value: Any, hint: Any) -> bool:
-    """Whether a plain config value fits a type hint; unknown hints accept anything."""
+    """Return whether a plain config value fits a type hint; an unknown hint accepts anything."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True

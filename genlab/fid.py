@@ -16,10 +16,8 @@ The metric key contains the extractor and the number of generated samples
 
 from __future__ import annotations
 
-import contextlib
 import math
-import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from genlab.downloads import socket_timeout
 
 EXTRACTORS = ("inception", "randconv")
 
@@ -215,7 +215,7 @@ def _build_inception_fid(weights_path: str | None) -> FrechetInceptionDistance:
 
     # Not cached: torch-fidelity downloads the file into the cache.
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+        with socket_timeout(DOWNLOAD_TIMEOUT_S):
             return _inception_metric(None)
     except OSError as error:  # URLError, HTTPError and socket timeouts are OSErrors.
         raise FileNotFoundError(
@@ -239,13 +239,3 @@ def _inception_metric(weights_path: str | None) -> FrechetInceptionDistance:
         antialias=False,
     )
 
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    """Set the default socket timeout for the duration of the block."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)

@@ -1,4 +1,4 @@
-"""Weights & Biases set-up that never hangs for lack of network."""
+"""Weights & Biases set-up that falls back to offline mode instead of waiting for the network."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def wandb_logger(
     job_type: str = "train",
     save_dir: str = ".",
 ) -> WandbLogger:
-    """Build a WandbLogger, online only when credentials are set and the server answers.
+    """Build a WandbLogger, online only when credentials are set and the server responds.
 
     In "auto" mode the logger runs offline when there is no API key (WANDB_API_KEY or an
     entry for the W&B host in ~/.netrc) or when the server cannot be reached within a few

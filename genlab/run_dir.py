@@ -22,7 +22,7 @@ from genlab.config_check import ConfigError
 def prepare_run_dir(cfg: DictConfig) -> Path:
     """Create the run directory and save the resolved config and the run's provenance.
 
-    Raises ConfigError when the directory already holds checkpoints of another run and
+    Raises ConfigError when the directory already contains checkpoints of another run and
     this run does not resume from one of them, so that no earlier checkpoint is overwritten.
     """
     run_dir = Path(cfg.paths.output_dir)
@@ -35,7 +35,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     if existing and not resuming_here:
         raise ConfigError(
             [
-                f"hydra.run.dir={str(run_dir)!r} already holds checkpoints of an earlier run "
+                f"hydra.run.dir={str(run_dir)!r} already contains checkpoints of an earlier run "
                 f"({', '.join(p.name for p in existing)}), and genlab never overwrites them. "
                 f"Resume that run with ckpt_path={checkpoint_dir / 'last.ckpt'}, or pick a new "
                 f"hydra.run.dir."

@@ -39,7 +39,7 @@ def samples_dir(trainer: L.Trainer) -> Path:
 def log_image_grid(module: L.LightningModule, key: str, images: torch.Tensor) -> Path:
     """Save `images` as a PNG grid under the run's samples folder and log it to every logger.
 
-    `key` is the metric-style name, such as "samples/generated". The PNG file name holds
+    `key` is the metric-style name, such as "samples/generated". The PNG file name contains
     the key, the epoch and the global step, so grids from different epochs sit side by side.
     Returns the path of the PNG file.
     """

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict, read_write
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 
-# No test may reach the network: W&B always runs offline and never asks for a login.
+# No test may reach the network: W&B always runs offline and never prompts for a login.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)

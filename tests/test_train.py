@@ -173,7 +173,7 @@ def test_existing_checkpoints_are_never_overwritten(tmp_path):
     second = run_train([*SMOKE, f"hydra.run.dir={run_dir}"], tmp_path)
     output = second.stdout + second.stderr
     assert second.returncode == 2
-    assert "already holds checkpoints" in output
+    assert "already contains checkpoints" in output
     assert f"ckpt_path={last}" in output
     assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
 
