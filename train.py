@@ -4,6 +4,9 @@
     python train.py experiment=shakespeare_char      # character-level GPT
     python train.py model.lr=1e-3 trainer.max_epochs=5 seed=0
     python train.py --cfg job                        # print the composed config
+    python train.py -m model.lr=1e-3,3e-4 seed=1,2   # a sweep of four jobs
+    python train.py hparams_search=vae_optuna        # an Optuna search
+    python train.py hydra.run.dir=logs/vae_digits/runs/<run> resume=auto
 
 Each run writes one directory under logs/<task_name>/runs/: the resolved config, the
 checkpoints (best and last), sample images, the CSV metrics and the W&B run files.
@@ -12,6 +15,7 @@ checkpoints (best and last), sample images, the CSV metrics and the W&B run file
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +29,11 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.config_check import ConfigError, check_config
+from genlab.ddp import distributed_job
+from genlab.preemption import StopOnSignal
+from genlab.resume import resolve_ckpt_path
 from genlab.run_dir import prepare_run_dir
+from genlab.sweep import FailedJob, is_multirun, record_failure, wandb_run_identity
 
 log = logging.getLogger("genlab.train")
 
@@ -34,7 +42,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate the config, build every component, fit, and return the final metrics."""
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     check_config(cfg, choices)
-    run_dir = prepare_run_dir(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("resume"), cfg.ckpt_path, Path(cfg.paths.output_dir))
+    run_dir = prepare_run_dir(cfg, ckpt_path)
     log.info("Run directory: %s", run_dir)
 
     if cfg.seed is not None:
@@ -59,7 +68,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all", **model_inputs)
 
     log.info("Building loggers")
-    loggers = build_loggers(cfg.get("logger"))
+    loggers = build_loggers(cfg.get("logger"), cfg.task_name)
 
     log.info("Building callbacks")
     callbacks = build_callbacks(cfg.get("callbacks"), model, has_loggers=bool(loggers))
@@ -73,12 +82,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(hyperparameters)
 
-    log.info("Training" + (f", resuming from {cfg.ckpt_path}" if cfg.ckpt_path else ""))
-    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    log.info("Training" + (f", resuming from {ckpt_path}" if ckpt_path else ""))
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if wandb.run is not None:
         wandb.finish()
+    stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
+    if stop is not None and stop.stopped:
+        raise RunStopped(stop.received or 0)
     return metrics
 
 
@@ -119,14 +131,20 @@ def build_callbacks(
     return callbacks
 
 
-def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
+def build_loggers(logger_cfg: DictConfig | None, task_name: str) -> list[Logger]:
+    """Instantiate the loggers; an unset W&B group and name describe the sweep and the job."""
     if not logger_cfg:
         return []
     loggers = []
     for name, node in logger_cfg.items():
-        if node is not None and "_target_" in node:
-            log.info("  %s <%s>", name, node._target_)
-            loggers.append(hydra.utils.instantiate(node))
+        if node is None or "_target_" not in node:
+            continue
+        log.info("  %s <%s>", name, node._target_)
+        if node._target_ == "genlab.loggers.wandb_logger":
+            group, run_name = wandb_run_identity(task_name)
+            node.group = node.get("group") or group
+            node.name = node.get("name") or run_name
+        loggers.append(hydra.utils.instantiate(node))
     return loggers
 
 
@@ -137,15 +155,65 @@ class DataNotFoundError(Exception):
     """
 
 
+class RunStopped(Exception):
+    """Training stopped on a signal after saving last.ckpt (see genlab/preemption.py)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"training stopped on signal {signum}")
+        self.signum = signum
+
+
+class MetricError(Exception):
+    """The metric a sweep optimizes was not logged, or is not a finite number."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | FailedJob | None:
+    """Run one training job; return the value of `optimized_metric` for sweepers.
+
+    A job of a multirun that fails records its error in its directory and returns a
+    FailedJob, so that the sweep goes on with its other jobs (see genlab/sweep.py).
+    """
+    run_dir = Path(cfg.paths.output_dir)
     try:
-        train(cfg)
+        with distributed_job():
+            metrics = train(cfg)
+        return optimized_metric_value(cfg.get("optimized_metric"), metrics)
+    except RunStopped as stopped:
+        # Exit without a result: SLURM requeues the job (submitit then waits for the
+        # requeued run), and outside SLURM the exit status tells the signal.
+        logging.shutdown()
+        sys.exit(128 + stopped.signum)
     except (ConfigError, DataNotFoundError) as error:
         log.error("%s", error)
-        _remove_unused_run_dir(Path(cfg.paths.output_dir))
+        if is_multirun():
+            record_failure(run_dir, error)
+            return FailedJob(error)
+        _remove_unused_run_dir(run_dir)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
-    return None
+    except Exception as error:
+        record_failure(run_dir, error)
+        if not is_multirun():
+            raise
+        log.exception("Job failed; the sweep goes on with the other jobs")
+        return FailedJob(error)
+
+
+def optimized_metric_value(key: str | None, metrics: dict[str, float]) -> float | None:
+    """The final value of the metric a sweep optimizes, or None when no metric is named."""
+    if key is None:
+        return None
+    if key not in metrics:
+        logged = ", ".join(sorted(name for name in metrics if name.startswith("val/")))
+        raise MetricError(
+            f"optimized_metric={key!r} was never logged in this run (logged: {logged or 'none'}). "
+            "Train for long enough to validate at least once; FID is logged every "
+            "model.fid.every_n_epochs epochs."
+        )
+    value = metrics[key]
+    if not math.isfinite(value):
+        raise MetricError(f"optimized_metric={key!r} ended at {value}, not a finite number")
+    return value
 
 
 def _remove_unused_run_dir(run_dir: Path) -> None:

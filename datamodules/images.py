@@ -31,6 +31,8 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
+from datamodules.sampling import ResumableTrainOrder
+from genlab.ddp import validation_sampler
 from genlab.downloads import socket_timeout
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ DOWNLOAD_TIMEOUT_S = 30
 NO_LABEL = -1
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
     """Images from one of SOURCES, resized and converted to what the model expects.
 
     Args:
@@ -153,10 +155,30 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._dataloader(self.train_set, shuffle=True)
+        if self.train_set is None:
+            raise RuntimeError("ImageDataModule.setup() must run before the dataloaders are built")
+        return self.resumable_train_loader(
+            self.train_set,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._dataloader(self.val_set, shuffle=False)
+        if self.val_set is None:
+            raise RuntimeError("ImageDataModule.setup() must run before the dataloaders are built")
+        # Under DDP each process reads its own part of the split and no image twice, so the
+        # validation metrics and FID's real images are those of a single process.
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            sampler=validation_sampler(self.val_set, self.trainer),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     # ------------------------------------------------------------------ loading
 

@@ -5,8 +5,8 @@ tokens are for training, the rest for validation. Batches are `(x, y)` int64 ten
 shape (B, T), where y[:, t] is the token that follows x[:, t].
 
 - Training draws windows of block_size + 1 tokens that may start at any position. The
-  dataset contains every start position once, and the DataLoader shuffles them (under DDP,
-  Lightning's DistributedSampler does), so batches are random windows.
+  dataset contains every start position once, and a seeded sampler shuffles them (and
+  splits them between processes under DDP), so batches are random windows.
 - Validation reads the validation tokens once, in consecutive non-overlapping chunks of
   block_size targets. The last chunk can be shorter. The collate function pads it and
   marks the padded targets -100, the index that the loss and perplexity ignore. Each
@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.sampling import ResumableTrainOrder
 from datamodules.tokenizers import TOKENIZER_CLASSES, Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def read_text_file(path: Path, setting: str) -> str:
         ) from error
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
     """A text corpus as (x, y) batches of token ids for next-token prediction.
 
     Args:
@@ -347,10 +348,9 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_tokens is not None, "call setup() first"
-        return DataLoader(
+        return self.resumable_train_loader(
             TrainWindows(self.train_tokens, self.block_size),
             batch_size=self.batch_size,
-            shuffle=True,
             collate_fn=pad_collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

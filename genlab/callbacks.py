@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -37,7 +38,7 @@ class RunSummary(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Epoch-level metrics reach callback_metrics after on_validation_epoch_end hooks run.
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         for key, value in trainer.callback_metrics.items():
             if not key.startswith("val/"):
@@ -76,11 +77,12 @@ class RunSummary(Callback):
         # callback without (see conf/callbacks/default.yaml).
         checkpoints = trainer.checkpoint_callbacks
         best = next((c.best_model_path for c in checkpoints if c.monitor is not None), "")
-        last = next(
-            (c.last_model_path or c.best_model_path for c in checkpoints if c.monitor is None), ""
-        )
+        last = next((c.last_model_path for c in checkpoints if c.monitor is None), "")
         sample_folder = samples_dir(trainer)
+        stopped = any(getattr(c, "stopped", False) for c in trainer.callbacks)
         summary = {
+            # "finished", or "stopped" on a signal; train.py writes "failed" on an error.
+            "status": "stopped" if stopped else "finished",
             "run_dir": str(Path(trainer.default_root_dir).resolve()),
             "global_step": trainer.global_step,
             "final": dict(sorted(self.final.items())),
@@ -95,6 +97,35 @@ class RunSummary(Callback):
                 # experiment.dir is <run>/wandb/offline-run-<time>-<id>/files.
                 summary["wandb_sync"] = f"wandb sync {Path(logger.experiment.dir).parent}"
         return summary
+
+
+class FailOnNonFinite(Callback):
+    """Fail the run as soon as a training or validation metric is NaN or infinite.
+
+    A diverged run otherwise trains on for hours and saves useless checkpoints; in a
+    sweep, the failure marks the job failed and the sweep goes on with the others.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self._check(trainer, "train/")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer, "val/")
+
+    @staticmethod
+    def _check(trainer: L.Trainer, prefix: str) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix) and not torch.isfinite(value).all():
+                raise NonFiniteMetricError(
+                    f"{key} is {value.item()} at global step {trainer.global_step}: training "
+                    "diverged. Lower the learning rate (model.lr, or model.generator_lr and "
+                    "model.discriminator_lr), or clip gradients with trainer.gradient_clip_val."
+                )
+
+
+class NonFiniteMetricError(ArithmeticError):
+    """A logged metric is NaN or infinite."""
 
 
 # Beginnings of the validation metric names (after "val/") that are better when lower.

@@ -27,6 +27,8 @@ TOP_LEVEL_KEYS = (
     "task_name",
     "seed",
     "ckpt_path",
+    "resume",
+    "optimized_metric",
     "tags",
     "model",
     "data",
@@ -191,6 +193,7 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
     problems += _check_top_level(container)
     problems += _check_seed(container.get("seed"))
     problems += _check_ckpt_path(container.get("ckpt_path"))
+    problems += _check_resume(container.get("resume"))
 
     model_cls = _import_target(container.get("model"), "model", problems)
     data_cls = _import_target(container.get("data"), "data", problems)
@@ -210,6 +213,9 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
         if check is not None:
             problems += [f"{group}.{problem}" for problem in check(container[group])]
     if model_cls is not None:
+        problems += _check_optimized_metric(
+            container.get("optimized_metric"), model_cls, container["model"]
+        )
         problems += [
             f"model.{key} is set in the config, but it comes from the datamodule; "
             f"remove model.{key} and set it under data instead."
@@ -278,6 +284,29 @@ def _check_ckpt_path(ckpt_path: Any) -> list[str]:
     return [
         f"ckpt_path={ckpt_path!r}: no such file. Point ckpt_path at a .ckpt file of an "
         f"earlier run (<run dir>/checkpoints/last.ckpt) or set ckpt_path=null."
+    ]
+
+
+def _check_resume(resume: Any) -> list[str]:
+    if resume in (None, "auto"):
+        return []
+    return [
+        f"resume={resume!r} is invalid: use resume=auto to continue from the latest checkpoint "
+        "in the run directory (hydra.run.dir), or resume=null to start fresh."
+    ]
+
+
+def _check_optimized_metric(key: Any, model_cls: type, model_node: dict) -> list[str]:
+    """Reject a metric name the model never logs, listing the ones it does."""
+    metric_keys = getattr(model_cls, "metric_keys", None)
+    if key is None or metric_keys is None:
+        return []
+    available = metric_keys(model_node)
+    if key in available:
+        return []
+    return [
+        f"optimized_metric={key!r} is not a metric that {model_cls.__name__} logs"
+        f"{_suggest(str(key), available)}. Choose one of: {', '.join(available)}."
     ]
 
 

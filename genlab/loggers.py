@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -9,8 +10,13 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import lightning.pytorch.loggers
 import wandb
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from genlab.ddp import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,9 @@ def wandb_logger(
     entry for the W&B host in ~/.netrc) or when the server cannot be reached within a few
     seconds. Offline runs are written under `<save_dir>/wandb/` and can be uploaded later
     with `wandb sync`.
+
+    When `<save_dir>/wandb/` already holds a run, as it does for a run directory that is
+    resumed, the logger continues that W&B run (same id) instead of starting another.
     """
     if mode not in WANDB_MODES:
         raise ValueError(
@@ -44,13 +53,19 @@ def wandb_logger(
 
     resolved = resolve_wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    if resolved == "offline":
+    # Only global rank 0 creates the W&B run, so only it logs the upload command.
+    if resolved == "offline" and is_global_zero():
         log.info(
             "W&B runs offline; upload this run later with: wandb sync %s",
             Path(save_dir).resolve() / "wandb" / "offline-run-*",
         )
+    run_id = existing_run_id(Path(save_dir))
+    if run_id is not None:
+        log.info("Continuing W&B run %s", run_id)
     return WandbLogger(
         project=project,
+        id=run_id,
+        resume="allow" if run_id is not None else None,
         entity=entity,
         name=name,
         group=group,
@@ -63,6 +78,16 @@ def wandb_logger(
         # push it out of view.
         settings=wandb.Settings(quiet=True),
     )
+
+
+def existing_run_id(save_dir: Path) -> str | None:
+    """Id of the newest W&B run under `<save_dir>/wandb/`, or None when there is none.
+
+    W&B names each run's folder run-<time>-<id> (offline-run-<time>-<id> offline).
+    """
+    folders = [path for path in (save_dir / "wandb").glob("*run-*-*") if path.is_dir()]
+    folders.sort(key=lambda path: path.name.split("run-", 1)[1])
+    return folders[-1].name.rsplit("-", 1)[1] if folders else None
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -105,3 +130,28 @@ def _is_reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+class CSVLogger(lightning.pytorch.loggers.CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to its metrics.csv.
+
+    Lightning's own writer deletes an existing metrics.csv when it starts, which would
+    lose the history of a run that resumes in its own directory.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Called by the constructor in place of the check that deletes the file. The writer
+        # appends rows under the existing header, whose columns Lightning keeps sorted.
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(next(csv.reader(file), []))

@@ -17,36 +17,52 @@ import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.config_check import ConfigError
+from genlab.ddp import is_global_zero
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
+def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
     """Create the run directory and save the resolved config and the run's provenance.
 
-    Raises ConfigError when the directory already contains checkpoints of another run and
-    this run does not resume from one of them, so that no earlier checkpoint is overwritten.
+    `ckpt_path` is the checkpoint the run resumes from, if any. Raises ConfigError when the
+    directory already contains checkpoints of another run and this run does not resume from
+    one of them, so that no earlier checkpoint is overwritten.
+
+    Under DDP only global rank 0 checks and writes the directory. The other processes
+    return its path.
     """
     run_dir = Path(cfg.paths.output_dir)
+    if not is_global_zero():
+        return run_dir
     checkpoint_dir = run_dir / "checkpoints"
     existing = sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
     resuming_here = (
-        cfg.ckpt_path is not None
-        and Path(cfg.ckpt_path).resolve().parent == checkpoint_dir.resolve()
+        ckpt_path is not None and Path(ckpt_path).resolve().parent == checkpoint_dir.resolve()
     )
     if existing and not resuming_here:
         raise ConfigError(
             [
                 f"hydra.run.dir={str(run_dir)!r} already contains checkpoints of an earlier run "
                 f"({', '.join(p.name for p in existing)}), and genlab never overwrites them. "
-                f"Resume that run with ckpt_path={checkpoint_dir / 'last.ckpt'}, or pick a new "
-                f"hydra.run.dir."
+                "Continue that run with resume=auto, or pick a new hydra.run.dir."
             ]
         )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    info_path = run_dir / "run_info.json"
+    if resuming_here and info_path.is_file():
+        # A resumed run keeps the provenance of its first start and adds each resumption.
+        run_info = json.loads(info_path.read_text())
+        run_info.setdefault("resumed", []).append(
+            {"at": now, "from": str(ckpt_path), "command": command}
+        )
+        info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+        return run_dir
     run_info = {
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "started_at": now,
         "git_commit": _git_commit(),
         "host": platform.node(),
         "python": platform.python_version(),
@@ -56,7 +72,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
         "torchmetrics": torchmetrics.__version__,
         "wandb": wandb.__version__,
     }
-    (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    info_path.write_text(json.dumps(run_info, indent=2) + "\n")
     return run_dir
 
 

@@ -35,6 +35,8 @@ class GAN(ImageGenerativeModule):
     The best checkpoint is chosen by FID; with `fid` null, `monitor` is None.
     """
 
+    validation_metrics = ("val/d_loss", "val/g_loss")
+
     def __init__(
         self,
         image_size: int,

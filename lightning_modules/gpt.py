@@ -50,6 +50,11 @@ class GPT(L.LightningModule):
     modality = "text"
 
     @classmethod
+    def metric_keys(cls, node: Mapping[str, Any]) -> list[str]:
+        """Return the validation metric keys this model logs."""
+        return ["val/loss", "val/bpt", "val/ppl"]
+
+    @classmethod
     def config_problems(cls, node: Mapping[str, Any]) -> list[str]:
         """Return the problems between arguments that the config validator reports.
 

@@ -3,12 +3,20 @@
 Subclasses implement `generate_images` and call this class's validation hooks through
 `super()` when they override them. FID is computed on every rank inside the validation
 hooks: each rank feeds its share of real and generated images into the torchmetrics
-metric, and `compute()` sums the feature statistics over ranks, so the value is the same
-as on one process with all images.
+metric, and `compute()` sums the feature statistics over ranks. The shares are chosen so
+that, whatever the number of ranks, the images are those of one process:
+
+- real images: the datamodule splits the validation set over the ranks without repeating
+  any (rank r reads items r, r + W, r + 2W, ... of W ranks, see genlab.ddp), and each
+  rank keeps its first `shard_size` images. Together these are the first
+  `fid.num_samples` images of the validation set.
+- generated images: batch i of FID_BATCH_SIZE images draws its latents from a generator
+  seeded FID_SEED + i, and rank r generates the batches i = r, r + W, r + 2W, ... .
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,11 +26,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from genlab.fid import FIDSettings, build_fid_metric, images_for_fid
 
-# Images generated per forward pass while collecting FID samples.
+# Images generated per forward pass while collecting FID samples. Changing it changes
+# which latents FID uses, because each batch has a generator of its own.
 FID_BATCH_SIZE = 128
 
-# Seed of the latents used for FID. The same latents at every evaluation make the FID
-# curve of a run smoother, because sampling noise does not vary between evaluations.
+# Seed of the latents of the first FID batch; batch i uses FID_SEED + i. The same latents
+# at every evaluation make the FID curve of a run smoother, because sampling noise does
+# not vary between evaluations.
 FID_SEED = 1234
 
 
@@ -40,7 +50,8 @@ class ImageGenerativeModule(L.LightningModule):
 
     The real-image statistics come from the validation batches of the first FID epoch (up
     to `fid.num_samples` images over all ranks) and are kept for the rest of the run. The
-    generated images come from a fixed set of latents (`FID_SEED`).
+    generated images come from a fixed set of latents (`FID_SEED`), the same whatever the
+    number of DDP processes.
 
     The FID metric, with its feature network, is deliberately not a registered submodule:
     its weights stay out of `state_dict()` and checkpoints. This class moves it to the
@@ -48,6 +59,8 @@ class ImageGenerativeModule(L.LightningModule):
     """
 
     modality = "image"
+    # Validation metrics a subclass logs besides FID.
+    validation_metrics: tuple[str, ...] = ()
 
     def __init__(self, fid: Mapping[str, Any] | None) -> None:
         super().__init__()
@@ -69,6 +82,18 @@ class ImageGenerativeModule(L.LightningModule):
         except ValueError as error:
             return [str(error).removeprefix("model.")]
         return []
+
+    @classmethod
+    def metric_keys(cls, node: Mapping[str, Any]) -> list[str]:
+        """Return the validation metric keys a model with the config `node` logs."""
+        keys = list(cls.validation_metrics)
+        try:
+            settings = FIDSettings.from_config(node.get("fid"))
+        except ValueError:  # reported by config_problems
+            settings = None
+        if settings is not None:
+            keys.append(settings.key)
+        return keys
 
     # ------------------------------------------------------------------ interface
 
@@ -144,12 +169,12 @@ class ImageGenerativeModule(L.LightningModule):
                     f"model.fid.num_samples."
                 )
 
-        num_fake = shard_size(settings.num_samples, self.global_rank, self.trainer.world_size)
-        generator = torch.Generator().manual_seed(FID_SEED + self.global_rank)
-        while num_fake > 0:
-            count = min(FID_BATCH_SIZE, num_fake)
+        # Batches are dealt to the ranks in turn, so a rank may get none.
+        num_batches = math.ceil(settings.num_samples / FID_BATCH_SIZE)
+        for batch_index in range(self.global_rank, num_batches, self.trainer.world_size):
+            count = min(FID_BATCH_SIZE, settings.num_samples - batch_index * FID_BATCH_SIZE)
+            generator = torch.Generator().manual_seed(FID_SEED + batch_index)
             metric.update(images_for_fid(self.generate_images(count, generator)), real=False)
-            num_fake -= count
 
         # compute() sums the feature statistics over all ranks; every rank gets the value.
         fid = metric.compute()

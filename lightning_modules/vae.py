@@ -46,6 +46,8 @@ class VAE(ImageGenerativeModule):
     kl_warmup_steps), a linear warm-up over the first kl_warmup_steps optimizer steps.
     """
 
+    validation_metrics = ("val/nelbo", "val/bpd", "val/recon", "val/kl")
+
     def __init__(
         self,
         image_size: int,

@@ -174,7 +174,7 @@ def test_existing_checkpoints_are_never_overwritten(tmp_path):
     output = second.stdout + second.stderr
     assert second.returncode == 2
     assert "already contains checkpoints" in output
-    assert f"ckpt_path={last}" in output
+    assert "resume=auto" in output
     assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
 
 
