@@ -213,7 +213,7 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
         if check is not None:
             problems += [f"{group}.{problem}" for problem in check(container[group])]
     if model_cls is not None:
-        problems += _check_optimized_metric(
+        problems += optimized_metric_problems(
             container.get("optimized_metric"), model_cls, container["model"]
         )
         problems += [
@@ -296,7 +296,7 @@ def _check_resume(resume: Any) -> list[str]:
     ]
 
 
-def _check_optimized_metric(key: Any, model_cls: type, model_node: dict) -> list[str]:
+def optimized_metric_problems(key: Any, model_cls: type | None, model_node: dict) -> list[str]:
     """Reject a metric name the model never logs, listing the ones it does."""
     metric_keys = getattr(model_cls, "metric_keys", None)
     if key is None or metric_keys is None:

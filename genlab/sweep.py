@@ -6,6 +6,10 @@ failed job's exception once its batch of jobs has run, and the Optuna sweeper st
 error into the job's summary.json and log, and returns a `FailedJob` in place of the metric.
 Optuna marks that trial failed (the value cannot be converted to a float), the basic sweeper
 ignores it, and `SweepReport` counts the failed jobs when the sweep ends.
+
+`SweepReport` also checks, before any job starts or is submitted, what would make every
+job of the sweep fail: an optimized metric the model does not log, and SLURM resources
+that do not match the Trainer's devices and nodes.
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from genlab.config_check import optimized_metric_problems
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +90,12 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
 
 
 class SweepReport(Callback):
-    """Hydra callback: when a multirun ends, log how many jobs failed and exit non-zero if any.
+    """Hydra callback that checks a multirun before it starts and reports its failed jobs.
 
-    It reads the summary.json that each job directory holds. A job directory without one
-    (a job killed from outside, say) counts as failed.
+    At the start it rejects a sweep whose every job would fail (see `sweep_problems`),
+    before any job runs or is submitted. At the end it reads the summary.json of each job
+    directory, logs the failed jobs and exits with status 1 if there are any. A job
+    directory without summary.json (a job killed from outside, say) counts as failed.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -93,6 +103,14 @@ class SweepReport(Callback):
         # the sweep directory resolves ${hydra:...} values (through paths.log_dir and
         # task_name). Hydra calls this hook before it builds them.
         HydraConfig.instance().set_config(config)
+        problems = sweep_problems(config)
+        if problems:
+            log.error(
+                "The sweep was not started:\n%s",
+                "\n".join(f"  {number}. {problem}" for number, problem in enumerate(problems, 1)),
+            )
+            logging.shutdown()
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -104,7 +122,7 @@ class SweepReport(Callback):
                 failures.append((job_dir, error or f"status {status}"))
 
         for job_dir, error in failures:
-            log.error("Job %s failed: %s", job_dir.name, error.splitlines()[0])
+            log.error("Job %s failed: %s", job_dir.name, textwrap.shorten(error, 300))
         if failures:
             log.error(
                 "Sweep finished: %d of %d jobs failed; see summary.json and train.log in "
@@ -114,6 +132,43 @@ class SweepReport(Callback):
             logging.shutdown()
             sys.exit(1)
         log.info("Sweep finished: all %d jobs succeeded (%s)", len(job_dirs), sweep_dir)
+
+
+def sweep_problems(config: DictConfig) -> list[str]:
+    """Problems of a multirun's config that would make each of its jobs fail."""
+    problems = []
+    key = config.get("optimized_metric")
+    target = config.model.get("_target_") if config.get("model") else None
+    if key is not None and target is not None:
+        try:
+            model_cls = hydra.utils.get_class(target)
+        except Exception:  # reported by each job's config check
+            model_cls = None
+        model_node = OmegaConf.to_container(config.model, resolve=True)
+        problems += optimized_metric_problems(key, model_cls, model_node)
+
+    launcher = config.hydra.launcher
+    if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        trainer = config.trainer
+        devices, num_nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+        if not isinstance(devices, int) or isinstance(devices, bool):
+            problems.append(
+                f"trainer.devices={devices!r}: on SLURM it must be a number of devices per "
+                "node, e.g. trainer.devices=4, because SLURM starts one task per device."
+            )
+        elif launcher.tasks_per_node != devices:
+            problems.append(
+                f"hydra.launcher.tasks_per_node={launcher.tasks_per_node} does not match "
+                f"trainer.devices={devices}: Lightning expects SLURM to start one task per "
+                f"device. Set hydra.launcher.tasks_per_node={devices}, or leave it unset to "
+                "follow trainer.devices."
+            )
+        if launcher.nodes != num_nodes:
+            problems.append(
+                f"hydra.launcher.nodes={launcher.nodes} does not match trainer.num_nodes="
+                f"{num_nodes}. Set both to the same number of nodes."
+            )
+    return problems
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:

@@ -74,3 +74,17 @@ def read_config(path: Path) -> dict:
         for item in updates:
             config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return config
+
+
+def read_run(path: Path) -> dict:
+    """Return the identity of the run: its id, name (display name), group and job type."""
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            return {
+                "id": run.run_id,
+                "name": run.display_name,
+                "group": run.run_group,
+                "job_type": run.job_type,
+            }
+    raise ValueError(f"{path} holds no run record")
