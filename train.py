@@ -90,6 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         wandb.finish()
     stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
     if stop is not None and stop.stopped:
+        stop.finish()
         raise RunStopped(stop.received or 0)
     return metrics
 

@@ -2,9 +2,11 @@
 
 SLURM signals a job shortly before its time limit or a preemption (submitit asks for
 SIGUSR2, `#SBATCH --signal` scripts often use SIGUSR1) and sends SIGTERM when it ends it.
-On any of these the run finishes the training step in progress, saves last.ckpt, asks
-SLURM to requeue the job when it runs under SLURM, and stops. The requeued job resumes
-from last.ckpt in the same run directory (see genlab/resume.py), at the same global step.
+On any of these the run finishes the training step in progress, saves last.ckpt and
+stops. train.py then closes the loggers and, under SLURM, requeues the job: the requeue
+comes last because SLURM answers it by sending SIGTERM to every process of the job, the
+W&B service among them. The requeued job resumes from last.ckpt in the same run
+directory (see genlab/resume.py), at the same global step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class StopOnSignal(Callback):
 
     Args:
         signals: names of the signals to handle, such as ["SIGUSR1", "SIGUSR2", "SIGTERM"].
-        requeue: under SLURM, requeue the job with `scontrol requeue` after saving.
+        requeue: under SLURM, requeue the job with `scontrol requeue` (see `finish`).
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class StopOnSignal(Callback):
         self.requeue = requeue
         self.received: int | None = None
         self.checkpoint_path: str | None = None
+        self._run_dir = ""
+        self._is_global_zero = True
         self._previous_handlers: dict[int, Any] = {}
 
     @property
@@ -80,20 +84,27 @@ class StopOnSignal(Callback):
         path = _last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         self.checkpoint_path = path
+        self._run_dir = trainer.default_root_dir
+        self._is_global_zero = trainer.is_global_zero
         trainer.should_stop = True
-        signal_name = signal.Signals(self.received).name if self.received else "a signal"
-        if not trainer.is_global_zero:
+        if trainer.is_global_zero:
+            signal_name = signal.Signals(self.received).name if self.received else "a signal"
+            log.warning(
+                "Stopped on %s at global step %d; saved %s",
+                signal_name, trainer.global_step, path,
+            )  # fmt: skip
+
+    def finish(self) -> None:
+        """After the loggers are closed: requeue the SLURM job, or say how to continue."""
+        if not self.stopped or not self._is_global_zero:
             return
-        log.warning(
-            "Stopped on %s at global step %d; saved %s", signal_name, trainer.global_step, path
-        )
         job_id = slurm_job_id()
         if self.requeue and job_id is not None:
             _requeue(job_id)
         else:
             log.warning(
                 "Continue this run with: python train.py hydra.run.dir=%s resume=auto",
-                trainer.default_root_dir,
+                self._run_dir,
             )
 
     def _any_rank_received(self, trainer: L.Trainer) -> bool:

@@ -6,10 +6,12 @@ with the reason, where SLURM or MUNGE is not installed or the user is not root.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,3 +182,96 @@ def test_sweep_job_dir_contains_run_outputs(smoke_sweep, job_num, seed):
     assert "val/nelbo" in summary["final"]
     last_checkpoint = (job_dir / "checkpoints" / "last.ckpt").resolve()
     assert Path(summary["last_checkpoint"]).resolve() == last_checkpoint
+
+
+# ---------------------------------------------------------------------- checks and requeue
+
+
+def test_tasks_per_node_must_match_devices(slurm_cluster, tmp_path):
+    command, env = slurm_sweep_command(
+        slurm_cluster, tmp_path, ["debug=smoke", "hydra.launcher.tasks_per_node=2", "seed=1,2"]
+    )
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "hydra.launcher.tasks_per_node=2 does not match trainer.devices=1" in output
+    assert not list(tmp_path.glob("logs/*/multiruns/*/.submitit")), "a job was submitted"
+    queue = slurm_cluster.run("squeue", "--noheader", "--states=all").stdout
+    assert "train" not in queue
+
+
+def test_signalled_job_saves_requeues_and_finishes(slurm_cluster, tmp_path):
+    """SIGUSR2, the signal submitit asks SLURM to send before the time limit, mid-training."""
+    max_steps = 1500
+    command, env = slurm_sweep_command(
+        slurm_cluster,
+        tmp_path,
+        [
+            "debug=smoke",
+            "model.fid=null",
+            "callbacks.rich_progress_bar=null",
+            f"trainer.max_steps={max_steps}",
+            "trainer.max_epochs=1000",
+            "trainer.limit_train_batches=50",
+            "trainer.limit_val_batches=1",
+            "seed=3",
+        ],
+    )
+    sweep = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        job_dir = _wait_for(lambda: next(iter(tmp_path.glob("logs/*/multiruns/*/0")), None))
+        _wait_for(lambda: (job_dir / "checkpoints" / "last.ckpt").is_file() or None)
+        # The SLURM job id, <array job id>_0, as the job recorded it.
+        hydra_config = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())
+        job_id = hydra_config["hydra"]["job"]["id"]
+        slurm_cluster.run("scancel", "--signal=USR2", job_id)
+
+        # Requeued jobs wait for a BeginTime; start the job as soon as SLURM allows.
+        _wait_for(lambda: _restarts(slurm_cluster, job_id) >= 1 or None, timeout_s=120)
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+            env=slurm_cluster.env, capture_output=True,
+        )  # fmt: skip
+        output, _ = sweep.communicate(timeout=SWEEP_TIMEOUT_S)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, output[-3000:]
+
+    log = (job_dir / "train.log").read_text()
+    assert "Received SIGUSR2: stopping after the current training step" in log
+    assert f"Requeued SLURM job {job_id}" in log
+    assert "Training, resuming from" in log
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["global_step"] == max_steps
+
+    # Every optimizer step appears once in the CSV log: none lost, none repeated.
+    with open(job_dir / "csv" / "metrics.csv", newline="") as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    assert steps == list(range(max_steps))
+
+    # The requeued job continued the same W&B run.
+    run_files = sorted((job_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2
+    assert len({path.stem for path in run_files}) == 1
+    run_info = json.loads((job_dir / "run_info.json").read_text())
+    assert len(run_info["resumed"]) == 1
+
+
+def _restarts(cluster: SlurmCluster, job_id: str) -> int:
+    return int(cluster.jobs(job_id)[0].get("Restarts", "0"))
+
+
+def _wait_for(condition, timeout_s: float = 180):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value is not None:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"condition not met within {timeout_s} s")

@@ -57,7 +57,7 @@ def test_grid_sweep_runs_each_job_in_its_own_directory(grid_sweep):
         assert summary(job)["status"] == "finished"
         assert (job / "checkpoints" / "last.ckpt").is_file()
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-        tried.add(tuple(sorted(item for item in overrides if item.startswith(("model.lr", "seed")))))
+        tried.add(tuple(sorted(o for o in overrides if o.startswith(("model.lr", "seed")))))
     assert len(tried) == 4
     assert "Sweep finished: all 4 jobs succeeded" in result.stdout
 
