@@ -206,3 +206,38 @@ def test_sigkill_while_saving_never_leaves_a_broken_checkpoint(tmp_path):
         process.wait()
         checkpoint = torch.load(path, weights_only=True)
         assert torch.all(checkpoint["weights"] == checkpoint["step"])
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes_exactly(tmp_path):
+    args = [*COMMON, *MODELS["vae"], "trainer.max_steps=200", "logger=csv"]
+    straight = tmp_path / "straight"
+    assert run_train([f"hydra.run.dir={straight}", *args], tmp_path).returncode == 0
+
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "GENLAB_DATA_DIR": str(tmp_path / "data")}
+    process = subprocess.Popen(
+        train_command(stopped, args), cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    last = stopped / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Received SIGTERM: stopping after the current training step" in output
+    assert f"Continue this run with: python train.py hydra.run.dir={stopped} resume=auto" in output
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert summary["global_step"] < 200
+
+    result = run_train([f"hydra.run.dir={stopped}", "resume=auto", *args], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step_a, weights_a, _ = final_weights(straight)
+    step_b, weights_b, _ = final_weights(stopped)
+    assert step_a == step_b == 200
+    assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+    with open(stopped / "csv" / "metrics.csv", newline="") as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    assert steps == list(range(200)), "steps were lost or logged twice"
