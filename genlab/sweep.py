@@ -151,9 +151,9 @@ def sweep_problems(config: DictConfig) -> list[str]:
     if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
         trainer = config.trainer
         devices, num_nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
-        if not isinstance(devices, int) or isinstance(devices, bool):
+        if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
             problems.append(
-                f"trainer.devices={devices!r}: on SLURM it must be a number of devices per "
+                f"trainer.devices={devices!r}: on SLURM it must be the number of devices per "
                 "node, e.g. trainer.devices=4, because SLURM starts one task per device."
             )
         elif launcher.tasks_per_node != devices:
