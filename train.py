@@ -86,13 +86,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
+    if cfg.get("validate_best") and not (stop is not None and stop.stopped):
+        validate_best_checkpoint(trainer, model, datamodule)
     if wandb.run is not None:
         wandb.finish()
-    stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
     if stop is not None and stop.stopped:
         stop.finish()
         raise RunStopped(stop.received or 0)
     return metrics
+
+
+def validate_best_checkpoint(
+    trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule
+) -> None:
+    """Validate the best checkpoint of the run, on every process; log its metrics again."""
+    best = next(
+        (c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor is not None), ""
+    )
+    if not best:
+        log.warning("No best checkpoint to validate: no checkpoint callback has a monitor")
+        return
+    log.info("Validating the best checkpoint: %s", best)
+    trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
 
 
 def build_callbacks(

@@ -29,6 +29,7 @@ TOP_LEVEL_KEYS = (
     "ckpt_path",
     "resume",
     "optimized_metric",
+    "validate_best",
     "tags",
     "model",
     "data",

@@ -9,14 +9,18 @@ process's command line (pytest) again for rank 1; both strategies use the same D
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import compose_config, job_config, run_train
+from conftest import ROOT, compose_config, job_config
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import TensorDataset
 
@@ -29,9 +33,41 @@ from lightning_modules.gpt import GPT
 from lightning_modules.nets.transformer import MLP, Block, TransformerConfig
 from lightning_modules.vae import VAE
 
-DDP_SMOKE = ["debug=smoke", "trainer=ddp_cpu"]
+# validate_best=true checks that validation after fit works on every rank.
+DDP_SMOKE = ["debug=smoke", "trainer=ddp_cpu", "validate_best=true"]
+# Seconds a train.py run may take; a run takes about 15 s on 2 CPU cores.
+RUN_TIMEOUT_S = 300
 CHILD_LOG = "train_ddp_process_1.log"
 BEST_CHECKPOINT_LINE = re.compile(r"Validating the best checkpoint: (\S+)")
+
+
+def run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run `python train.py ARGS` from `cwd` as conftest.run_train does, in a session of its own.
+
+    A rank that waits for a partner that never starts hangs. On a timeout the whole
+    session is killed, the rank-1 processes that Lightning started included, so that none
+    of them outlives the test.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENLAB_DATA_DIR": str(cwd / "data")}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(
+            f"train.py {' '.join(args)} did not finish within {RUN_TIMEOUT_S} s:\n"
+            f"{stdout[-3000:]}{stderr[-3000:]}"
+        )
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def wandb_run_files(run_dir: Path) -> list[Path]:
@@ -109,22 +145,26 @@ def test_ddp_run_checkpoints_load(ddp_run):
 
 @pytest.fixture(scope="module")
 def ddp_multirun(tmp_path_factory):
-    """A sweep of two DDP jobs (seed=1,2) into a timestamped sweep directory.
+    """A sweep of two DDP jobs (seed=1,2) into the default, timestamped sweep directory.
 
-    The timestamp works as in the default sweep directory: a rank-1 process that re-ran
-    the whole sweep would create a second sweep directory.
+    A rank-1 process that re-ran the whole sweep would create a second sweep directory.
     """
     cwd = tmp_path_factory.mktemp("ddp_multirun")
-    sweep_dir = f"{cwd}/multiruns/${{now:%H-%M-%S_%f}}"
-    result = run_train(["-m", *DDP_SMOKE, "seed=1,2", f"hydra.sweep.dir={sweep_dir}"], cwd)
+    result = run_train(["-m", *DDP_SMOKE, "seed=1,2"], cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, result
 
 
+def sweep_dirs(cwd: Path) -> list[Path]:
+    return list((cwd / "logs" / "vae_digits" / "multiruns").iterdir())
+
+
 def test_ddp_multirun_creates_only_job_directories(ddp_multirun):
     cwd, result = ddp_multirun
-    assert [path.name for path in cwd.iterdir()] == ["multiruns"]
-    sweeps = list((cwd / "multiruns").iterdir())
+    assert [path.name for path in cwd.iterdir()] == ["logs"]
+    assert [path.name for path in (cwd / "logs").iterdir()] == ["vae_digits"]
+    assert [path.name for path in (cwd / "logs" / "vae_digits").iterdir()] == ["multiruns"]
+    sweeps = sweep_dirs(cwd)
     assert len(sweeps) == 1, f"expected one sweep directory, found {sweeps}"
     assert sorted(path.name for path in sweeps[0].iterdir()) == ["0", "1", "multirun.yaml"]
     assert (result.stdout + result.stderr).count("Launching 2 jobs") == 1
@@ -133,7 +173,7 @@ def test_ddp_multirun_creates_only_job_directories(ddp_multirun):
 @pytest.mark.parametrize(("job", "seed"), [(0, 1), (1, 2)])
 def test_ddp_multirun_job_runs_on_both_ranks(ddp_multirun, job, seed):
     cwd, _ = ddp_multirun
-    job_dir = next((cwd / "multiruns").iterdir()) / str(job)
+    job_dir = sweep_dirs(cwd)[0] / str(job)
     assert yaml.safe_load((job_dir / "config.yaml").read_text())["seed"] == seed
     assert len(wandb_run_files(job_dir)) == 1
     assert len(list((job_dir / "checkpoints").glob("best-*.ckpt"))) == 1

@@ -166,12 +166,16 @@ def test_training_windows_are_random(text_file):
     loader = datamodule.train_dataloader()
 
     assert len(loader.dataset) == len(train_tokens) - 16
-    torch.manual_seed(0)
     first_x, first_y = next(iter(loader))
-    second_x, _ = next(iter(loader))
+    again_x, _ = next(iter(loader))
+    loader.sampler.set_epoch(1)
+    next_epoch_x, _ = next(iter(loader))
 
     assert first_x.shape == (8, 16)
-    assert not torch.equal(first_x, second_x)
+    # Shuffled, the same way for the same seed and epoch, another way in the next epoch.
+    assert first_x[:, 0].tolist() != train_tokens[:8]
+    assert torch.equal(first_x, again_x)
+    assert not torch.equal(first_x, next_epoch_x)
     # Each row is a window of the training tokens, and y is x shifted by one.
     for row_x, row_y in zip(first_x.tolist(), first_y.tolist(), strict=True):
         assert row_x[1:] == row_y[:-1]
