@@ -182,18 +182,6 @@ class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
 
     # ------------------------------------------------------------------ loading
 
-    def _dataloader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("ImageDataModule.setup() must run before the dataloaders are built")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
     def _load_dataset(self) -> Dataset:
         if self.source == "digits":
             return self._digits()

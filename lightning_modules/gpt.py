@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
@@ -263,11 +264,17 @@ class GPT(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        # Weight decay applies to matrices (linear weights and embeddings) only; biases and
-        # LayerNorm gains are vectors and are left alone.
+        # Weight decay applies to the weights of linear layers and embeddings only; biases
+        # and LayerNorm gains are left alone. The choice goes by module type, not by
+        # p.dim(): FSDP hands the optimizer flattened 1-D views of every parameter.
+        decay_ids = {
+            id(module.weight)
+            for module in self.modules()
+            if isinstance(module, (nn.Linear, nn.Embedding))
+        }
         parameters = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in parameters if p.dim() >= 2]
-        no_decay = [p for p in parameters if p.dim() < 2]
+        decay = [p for p in parameters if id(p) in decay_ids]
+        no_decay = [p for p in parameters if id(p) not in decay_ids]
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": hp.weight_decay},
