@@ -59,10 +59,16 @@ class RandomStateCheckpoint(Callback):
     the end of each training step and put back at the start of the next one, which makes
     whatever runs in between neutral. Checkpoints store that recorded state, and a resumed
     run applies it before its first step, where the uninterrupted run applied it too.
+
+    Under DDP every process starts from the same seed, which would give all of them the
+    same latent noise and dropout masks. So when training starts, and again after a resume
+    (the checkpoint holds rank 0's state), each process moves to a stream of its own,
+    seeded from the shared state and its rank.
     """
 
     def __init__(self) -> None:
         self._state: dict[str, Any] | None = None
+        self._separate_ranks = False
 
     def state_dict(self) -> dict[str, Any]:
         return self._state if self._state is not None else _random_state()
@@ -70,14 +76,31 @@ class RandomStateCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._state = state_dict
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._separate_ranks = trainer.world_size > 1
+        if self._state is None and self._separate_ranks:
+            _seed_for_rank(trainer.global_rank)
+            self._separate_ranks = False
+
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if self._state is not None:
             _set_random_state(self._state)
+            if self._separate_ranks:
+                _seed_for_rank(trainer.global_rank)
+                self._separate_ranks = False
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         # Lightning runs checkpoint callbacks after all others, so a checkpoint saved at the
         # end of this step stores the state recorded here.
         self._state = _random_state()
+
+
+def _seed_for_rank(rank: int) -> None:
+    """Reseed every generator from one draw of the shared state plus the process rank."""
+    seed = int(torch.randint(0, 2**31, (1,)).item()) + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds the CUDA generators
 
 
 def _random_state() -> dict[str, Any]:

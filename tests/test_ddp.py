@@ -28,6 +28,7 @@ from datamodules.images import ImageDataModule
 from datamodules.text import TextDataModule
 from genlab.config_check import check_config
 from genlab.ddp import inherited_hydra_overrides, quote_override_value, validation_sampler
+from genlab.resume import RandomStateCheckpoint
 from lightning_modules.gan import GAN
 from lightning_modules.gpt import GPT
 from lightning_modules.nets.transformer import MLP, Block, TransformerConfig
@@ -287,6 +288,45 @@ def test_gan_ranks_agree_after_ddp_steps(tmp_path):
         assert any(not torch.equal(rank0[name], start[name]) for name in names), network
         for name in names:
             assert torch.allclose(rank0[name], rank1[name], rtol=0, atol=1e-6), name
+
+
+class SaveNoise(Callback):
+    """Save, per rank, random numbers drawn at the start of each training step."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.draws: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self.draws.append(torch.rand(4))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(torch.stack(self.draws), self.folder / f"noise_rank{trainer.global_rank}.pt")
+
+
+def test_ranks_draw_different_noise(tmp_path):
+    L.seed_everything(0)
+    model = GAN(image_size=8, channels=1, latent_dim=8, generator_width=8, discriminator_width=8)
+    datamodule = ImageDataModule(source="digits", image_size=8, channels=1, batch_size=16)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn_find_unused_parameters_true",
+        max_steps=4,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        # SaveNoise draws after RandomStateCheckpoint has set the step's state.
+        callbacks=[RandomStateCheckpoint(), SaveNoise(tmp_path)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+
+    rank0, rank1 = (torch.load(tmp_path / f"noise_rank{rank}.pt") for rank in (0, 1))
+    assert rank0.shape == rank1.shape == (2, 4)
+    assert not torch.equal(rank0, rank1), "both ranks drew the same random numbers"
 
 
 # ---------------------------------------------------------------------- presets and helpers
