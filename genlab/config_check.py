@@ -229,6 +229,7 @@ def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None
         problems += _check_arguments(trainer, "trainer")
         problems += _check_rules(trainer, "trainer", TRAINER_RULES, recurse=False)
         problems += _check_validation_schedule(trainer)
+        problems += _check_strategy(trainer, model_cls)
 
     for group in ("callbacks", "logger"):
         for name, node in (container.get(group) or {}).items():
@@ -309,6 +310,34 @@ def optimized_metric_problems(key: Any, model_cls: type | None, model_node: dict
         f"optimized_metric={key!r} is not a metric that {model_cls.__name__} logs"
         f"{_suggest(str(key), available)}. Choose one of: {', '.join(available)}."
     ]
+
+
+def _check_strategy(trainer: dict, model_cls: type | None) -> list[str]:
+    """Reject strategies that fail once the processes have started."""
+    strategy = trainer.get("strategy", "auto")
+    target = strategy.get("_target_", "") if isinstance(strategy, dict) else ""
+    # Models that step their optimizers themselves say so with a class attribute.
+    manual = getattr(model_cls, "manual_optimization", False)
+    problems = []
+    if manual and strategy in ("ddp", "ddp_spawn"):
+        problems.append(
+            f"trainer.strategy={strategy} cannot train {model_cls.__name__}: each of its "
+            "optimizer steps leaves the other network without gradients, which plain DDP "
+            f"rejects. Set trainer.strategy={strategy}_find_unused_parameters_true."
+        )
+    if manual and trainer.get("gradient_clip_val") is not None:
+        problems.append(
+            f"trainer.gradient_clip_val={trainer['gradient_clip_val']} cannot apply to "
+            f"{model_cls.__name__}, which steps its optimizers itself (Lightning clips only "
+            "automatically optimized models). Set trainer.gradient_clip_val=null."
+        )
+    uses_fsdp = strategy == "fsdp" or target.endswith("FSDPStrategy")
+    if uses_fsdp and trainer.get("accelerator") == "cpu":
+        problems.append(
+            "trainer.strategy is FSDP, which needs GPUs, but trainer.accelerator=cpu. Use "
+            "trainer=ddp_cpu to test distributed training on the CPU."
+        )
+    return problems
 
 
 def _check_validation_schedule(trainer: dict) -> list[str]:

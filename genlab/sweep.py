@@ -26,6 +26,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.config_check import optimized_metric_problems
@@ -75,7 +76,9 @@ class FailedJob:
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
-    """Write the error of a failed run into `<run_dir>/summary.json`."""
+    """Write the error of a failed run into `<run_dir>/summary.json` (on rank 0 only)."""
+    if rank_zero_only.rank != 0:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / SUMMARY_FILE
     summary: dict[str, Any] = {}

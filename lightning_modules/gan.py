@@ -36,6 +36,8 @@ class GAN(ImageGenerativeModule):
     """
 
     validation_metrics = ("val/d_loss", "val/g_loss")
+    # Read by the config validator: training_step runs both optimizers itself.
+    manual_optimization = True
 
     def __init__(
         self,

@@ -193,3 +193,43 @@ def test_bad_fid_extractor_is_rejected(compose):
     assert len(problems) == 1
     assert "model.fid.extractor" in problems[0]
     assert "'clip'" in problems[0]
+
+
+def test_gan_with_plain_ddp_is_rejected(compose):
+    problems = problems_of(compose("experiment=digits_gan", "trainer=ddp_cpu"))
+    assert any(
+        "trainer.strategy=ddp cannot train GAN" in p
+        and "trainer.strategy=ddp_find_unused_parameters_true" in p
+        for p in problems
+    ), problems
+    strategy = "trainer.strategy=ddp_find_unused_parameters_true"
+    cfg = compose("experiment=digits_gan", "trainer=ddp_cpu", strategy)
+    check_config(job_config(cfg), dict(cfg.hydra.runtime.choices))
+
+
+def test_gan_with_gradient_clipping_is_rejected(compose):
+    problems = problems_of(compose("experiment=digits_gan", "trainer.gradient_clip_val=1.0"))
+    assert any("Set trainer.gradient_clip_val=null" in p for p in problems), problems
+
+
+def test_fsdp_on_cpu_is_rejected(compose):
+    problems = problems_of(
+        compose("experiment=embedded_gpt", "trainer=fsdp", "trainer.accelerator=cpu")
+    )
+    assert any("FSDP, which needs GPUs" in p for p in problems), problems
+
+
+def test_unknown_optimized_metric_lists_the_model_metrics(compose):
+    problems = problems_of(compose("model=gpt", "data=embedded_text", "optimized_metric=val/pplx"))
+    assert any(
+        "optimized_metric='val/pplx' is not a metric that GPT logs (did you mean 'val/ppl'?)" in p
+        and "val/loss, val/bpt, val/ppl" in p
+        for p in problems
+    ), problems
+
+
+def test_resume_accepts_auto_only(compose):
+    cfg = compose("resume=auto")
+    check_config(job_config(cfg), dict(cfg.hydra.runtime.choices))
+    problems = problems_of(compose("resume=last"))
+    assert any("resume='last' is invalid" in p for p in problems), problems
