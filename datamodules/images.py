@@ -34,6 +34,7 @@ from torchvision.transforms import v2
 from datamodules.sampling import ResumableTrainOrder
 from genlab.ddp import validation_sampler
 from genlab.downloads import socket_timeout
+from genlab.preemption import init_dataloader_worker
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
             self.train_set,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
+            worker_init_fn=init_dataloader_worker,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
@@ -176,6 +178,7 @@ class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
             shuffle=False,
             sampler=validation_sampler(self.val_set, self.trainer),
             num_workers=self.num_workers,
+            worker_init_fn=init_dataloader_worker,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampling import ResumableTrainOrder
 from datamodules.tokenizers import TOKENIZER_CLASSES, Tokenizer, build_tokenizer
+from genlab.preemption import init_dataloader_worker
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,7 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
             batch_size=self.batch_size,
             collate_fn=pad_collate,
             num_workers=self.num_workers,
+            worker_init_fn=init_dataloader_worker,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -366,6 +368,7 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
             sampler=self._validation_sampler(dataset),
             collate_fn=pad_collate,
             num_workers=self.num_workers,
+            worker_init_fn=init_dataloader_worker,
             persistent_workers=self.num_workers > 0,
         )
 

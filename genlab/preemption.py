@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import Callback
 
 from genlab.resume import LastCheckpoint
@@ -114,6 +115,22 @@ class StopOnSignal(Callback):
             flag = torch.tensor(int(received), device=trainer.strategy.root_device)
             received = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
         return received
+
+
+# Signals a DataLoader worker ignores. SLURM sends its signals to every process of the
+# job, and a worker killed by one would fail the run before it can save a checkpoint; the
+# workers end with the main process anyway.
+WORKER_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def init_dataloader_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore stop signals, and seed as Lightning would."""
+    for signum in WORKER_IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # Lightning adds its own worker_init_fn only to loaders without one; with
+    # seed_everything(workers=True), which train.py uses, it sets PL_SEED_WORKERS.
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        pl_worker_init_function(worker_id)
 
 
 def _last_checkpoint_path(trainer: L.Trainer) -> str:

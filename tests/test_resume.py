@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_train
+from torch.utils.data import DataLoader, Dataset
 from wandb_records import read_history
 
+from genlab.preemption import init_dataloader_worker
 from genlab.resume import AtomicCheckpointIO
 
 # Short runs that save last.ckpt every 2 steps and validate at each epoch end (8 batches),
@@ -181,6 +183,9 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
 
 SAVE_LOOP = """
 import sys, torch
+from torch.utils.data import DataLoader, Dataset
+
+from genlab.preemption import init_dataloader_worker
 from genlab.resume import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 step = 0
@@ -241,3 +246,29 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes_exactly(tmp_path):
     with open(stopped / "csv" / "metrics.csv", newline="") as file:
         steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
     assert steps == list(range(200)), "steps were lost or logged twice"
+
+
+class _WorkerPids(Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> int:
+        time.sleep(0.005)
+        return os.getpid()
+
+
+@pytest.mark.parametrize("worker_init_fn", [init_dataloader_worker, None])
+def test_dataloader_workers_survive_slurm_signals(worker_init_fn):
+    loader = DataLoader(_WorkerPids(), batch_size=4, num_workers=2, worker_init_fn=worker_init_fn)
+    iterator = iter(loader)
+    pids = set(next(iterator).tolist()) | set(next(iterator).tolist())
+    assert len(pids) == 2
+    for pid in pids:
+        for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            os.kill(pid, signum)
+    if worker_init_fn is None:
+        # Without it, the first signal kills the worker and the loader fails.
+        with pytest.raises(RuntimeError, match="DataLoader worker"):
+            list(iterator)
+    else:
+        assert len(list(iterator)) == 14
