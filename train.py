@@ -198,7 +198,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
         return optimized_metric_value(cfg.get("optimized_metric"), metrics)
     except RunStopped as stopped:
         # Exit without a result: SLURM requeues the job (submitit then waits for the
-        # requeued run), and outside SLURM the exit status tells the signal.
+        # requeued run), and outside SLURM the exit status names the signal.
         logging.shutdown()
         sys.exit(128 + stopped.signum)
     except (ConfigError, DataNotFoundError) as error:
@@ -217,7 +217,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
 
 
 def optimized_metric_value(key: str | None, metrics: dict[str, float]) -> float | None:
-    """The final value of the metric a sweep optimizes, or None when no metric is named."""
+    """Return the final value of the metric a sweep optimizes, or None when none is named."""
     if key is None:
         return None
     if key not in metrics:

@@ -60,7 +60,7 @@ class ResumableTrainOrder:
     """Mixin for a LightningDataModule whose training batches continue exactly on resume.
 
     The datamodule builds its training loader with `resumable_train_loader`. Its state in a
-    checkpoint is the epoch and the number of batches trained in it; the count comes from
+    checkpoint is the epoch and the number of batches trained in it. The count comes from
     the trainer, because the loader itself runs ahead of training when it prefetches.
     Lightning restores a datamodule's state before it builds the loaders.
     """

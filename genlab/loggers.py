@@ -43,7 +43,7 @@ def wandb_logger(
     seconds. Offline runs are written under `<save_dir>/wandb/` and can be uploaded later
     with `wandb sync`.
 
-    When `<save_dir>/wandb/` already holds a run, as it does for a run directory that is
+    When `<save_dir>/wandb/` already contains a run, as it does for a run directory that is
     resumed, the logger continues that W&B run (same id) instead of starting another.
     """
     if mode not in WANDB_MODES:

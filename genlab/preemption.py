@@ -1,6 +1,6 @@
 """Stop cleanly on a termination signal: checkpoint, requeue on SLURM, continue later.
 
-SLURM signals a job shortly before its time limit or a preemption (submitit asks for
+SLURM signals a job shortly before its time limit or a preemption (submitit requests
 SIGUSR2, `#SBATCH --signal` scripts often use SIGUSR1) and sends SIGTERM when it ends it.
 On any of these the run finishes the training step in progress, saves last.ckpt and
 stops. train.py then closes the loggers and, under SLURM, requeues the job: the requeue
@@ -96,7 +96,7 @@ class StopOnSignal(Callback):
             )  # fmt: skip
 
     def finish(self) -> None:
-        """After the loggers are closed: requeue the SLURM job, or say how to continue."""
+        """Requeue the SLURM job, or log how to continue; call after the loggers are closed."""
         if not self.stopped or not self._is_global_zero:
             return
         job_id = slurm_job_id()
@@ -118,7 +118,7 @@ class StopOnSignal(Callback):
 
 
 # Signals a DataLoader worker ignores. SLURM sends its signals to every process of the
-# job, and a worker killed by one would fail the run before it can save a checkpoint; the
+# job, and a worker killed by one would fail the run before it can save a checkpoint. The
 # workers end with the main process anyway.
 WORKER_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
@@ -142,7 +142,7 @@ def _last_checkpoint_path(trainer: L.Trainer) -> str:
 
 
 def slurm_job_id() -> str | None:
-    """The id `scontrol requeue` takes for this SLURM job (an array task's own id), or None."""
+    """Return the id `scontrol requeue` takes for this SLURM job (an array task's own id)."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and array_task:

@@ -1,9 +1,9 @@
 """Resuming runs: which checkpoint to continue from, exact random state, atomic checkpoints.
 
-A resumed run reproduces an uninterrupted one bit for bit on CPU when three things hold:
-the model, optimizer and loop state come back (Lightning restores them), the remaining
-batches of the epoch are the same (datamodules/sampling.py), and the random number
-generators are where they were when the checkpoint was taken (`RandomStateCheckpoint`).
+A resumed run reproduces an uninterrupted one bit for bit on CPU when three conditions
+are met. Lightning restores the model, optimizer and loop state. The remaining batches of
+the epoch are the same (datamodules/sampling.py). The random number generators are where
+they were when the checkpoint was taken (`RandomStateCheckpoint`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class RandomStateCheckpoint(Callback):
 
     Under DDP every process starts from the same seed, which would give all of them the
     same latent noise and dropout masks. So when training starts, and again after a resume
-    (the checkpoint holds rank 0's state), each process moves to a stream of its own,
+    (the checkpoint contains rank 0's state), each process moves to a stream of its own,
     seeded from the shared state and its rank.
     """
 
@@ -133,9 +133,9 @@ class LastCheckpoint(Checkpoint):
 
     It is saved after the step that ends an epoch, after each step that precedes a
     validation, every `every_n_train_steps` steps when set, and after the final step. It is
-    never saved during validation: Lightning 2.6 resumes a checkpoint saved at the end of an
-    epoch's validation one epoch short (its epoch counter is restored one ahead), whereas
-    from the end of a step it replays the validation and continues exactly.
+    never saved during validation, because Lightning 2.6 restores the epoch counter of such
+    a checkpoint one ahead, and the resumed run trains one epoch short. From the end of a
+    step Lightning replays the validation and continues exactly.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None) -> None:

@@ -61,8 +61,8 @@ def wandb_run_identity(task_name: str) -> tuple[str | None, str | None]:
 class FailedJob:
     """The return value of a failed multirun job, in place of its metric.
 
-    Optuna's sweeper converts a job's return value with float(); this object refuses, so the
-    trial is marked failed, and its text (the error) appears in Optuna's warning.
+    Optuna's sweeper converts a job's return value with float(), which raises for this
+    object. So Optuna marks the trial failed and prints the error in its warning.
     """
 
     def __init__(self, error: BaseException) -> None:
@@ -138,7 +138,7 @@ class SweepReport(Callback):
 
 
 def sweep_problems(config: DictConfig) -> list[str]:
-    """Problems of a multirun's config that would make each of its jobs fail."""
+    """Return the problems of a multirun's config that would make each of its jobs fail."""
     problems = []
     key = config.get("optimized_metric")
     target = config.model.get("_target_") if config.get("model") else None
@@ -175,7 +175,7 @@ def sweep_problems(config: DictConfig) -> list[str]:
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
-    """The job directories of a sweep: those Hydra wrote a config into."""
+    """Return the job directories of a sweep: those Hydra wrote a config into."""
     if not sweep_dir.is_dir():
         return []
     dirs = [path.parent.parent for path in sweep_dir.glob("*/.hydra/config.yaml")]
