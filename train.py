@@ -89,8 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
     if cfg.get("validate_best") and not (stop is not None and stop.stopped):
         validate_best_checkpoint(trainer, model, datamodule)
-    if wandb.run is not None:
-        wandb.finish()
+    _finish_wandb_run(exit_code=0)
     if stop is not None and stop.stopped:
         stop.finish()
         raise RunStopped(stop.received or 0)
@@ -203,12 +202,15 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
         sys.exit(128 + stopped.signum)
     except (ConfigError, DataNotFoundError) as error:
         log.error("%s", error)
+        _finish_wandb_run(exit_code=1)
         if is_multirun():
             record_failure(run_dir, error)
             return FailedJob(error)
         _remove_unused_run_dir(run_dir)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     except Exception as error:
+        # The next job of a sweep would otherwise log into this job's W&B run.
+        _finish_wandb_run(exit_code=1)
         record_failure(run_dir, error)
         if not is_multirun():
             raise
@@ -231,6 +233,16 @@ def optimized_metric_value(key: str | None, metrics: dict[str, float]) -> float 
     if not math.isfinite(value):
         raise MetricError(f"optimized_metric={key!r} ended at {value}, not a finite number")
     return value
+
+
+def _finish_wandb_run(exit_code: int) -> None:
+    """Close the W&B run of this process, if one is open, marking it with `exit_code`."""
+    if wandb.run is None:
+        return
+    try:
+        wandb.finish(exit_code=exit_code)
+    except Exception as error:  # the W&B service may be gone, e.g. after a signal
+        log.warning("Could not close the W&B run: %s", error)
 
 
 def _remove_unused_run_dir(run_dir: Path) -> None:

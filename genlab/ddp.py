@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -52,6 +54,7 @@ import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import to_absolute_path
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.utilities import rank_zero_only
@@ -110,6 +113,7 @@ def distributed_job() -> Iterator[None]:
         yield
     finally:
         subprocess_script._hydra_subprocess_cmd = lightning_command
+        _release_children()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         for name, value in saved_env.items():
@@ -118,6 +122,26 @@ def distributed_job() -> Iterator[None]:
             else:
                 os.environ[name] = value
         torch.set_num_threads(saved_threads)
+
+
+def _release_children(timeout_s: float = 30) -> None:
+    """Wait for the DDP children of the job that ended, and stop watching them.
+
+    Lightning's observer thread SIGKILLs this process as soon as a child exits with a
+    non-zero status. A child exits so when its job fails, and in a multirun that would kill
+    the sweep with it. So the observer is given no more children to watch, and a child
+    still running after `timeout_s` (waiting for rank 0 in a collective, say) is killed.
+    """
+    for thread in threading.enumerate():
+        if not isinstance(thread, _ChildProcessObserver):
+            continue
+        children, thread._child_processes = thread._child_processes, []
+        for child in children:
+            try:
+                child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def child_command(local_rank: int) -> tuple[list[str], str]:

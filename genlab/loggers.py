@@ -59,7 +59,8 @@ def wandb_logger(
             "W&B runs offline; upload this run later with: wandb sync %s",
             Path(save_dir).resolve() / "wandb" / "offline-run-*",
         )
-    run_id = existing_run_id(Path(save_dir))
+    # Only rank 0 writes W&B files; other ranks would find rank 0's new run here.
+    run_id = existing_run_id(Path(save_dir)) if is_global_zero() else None
     if run_id is not None:
         log.info("Continuing W&B run %s", run_id)
     return WandbLogger(

@@ -131,7 +131,9 @@ class VAE(ImageGenerativeModule):
             nll = F.binary_cross_entropy_with_logits(decoder_out, x, reduction="none")
         else:
             scale = self.log_scale.exp().view(1, -1, 1, 1)
-            nll = -Normal(decoder_out, scale).log_prob(x)
+            # validate_args=False lets a diverged (NaN) decoder output reach the loss, where
+            # the run's NaN check reports it, instead of failing here on the argument check.
+            nll = -Normal(decoder_out, scale, validate_args=False).log_prob(x)
         return nll.flatten(1).sum(dim=1)
 
     def elbo_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -383,3 +383,16 @@ def test_validation_sampler_splits_without_repeats(tmp_path):
     assert validation_sampler(TensorDataset(torch.zeros(5, 1)), None) is None
     with pytest.raises(ValueError, match="fewer than the 2 processes"):
         validation_sampler(TensorDataset(torch.zeros(1, 1)), trainer)
+
+
+def test_ddp_multirun_goes_on_after_a_failed_job(tmp_path):
+    # model.lr=10 diverges on both ranks. Lightning's process observer kills rank 0, the
+    # sweep itself, when a child exits with an error, unless the job releases its children.
+    result = run_train(["-m", *DDP_SMOKE, "model.lr=10,1e-3"], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Sweep finished: 1 of 2 jobs failed" in output
+    sweep = next((tmp_path / "logs" / "vae_digits" / "multiruns").iterdir())
+    statuses = [json.loads((sweep / job / "summary.json").read_text())["status"] for job in "01"]
+    assert statuses == ["failed", "finished"]
+    assert len(wandb_run_files(sweep / "1")) == 1

@@ -33,6 +33,10 @@ def job_dirs(sweep: Path) -> list[Path]:
     return sorted((path for path in sweep.iterdir() if path.is_dir()), key=lambda p: int(p.name))
 
 
+def wandb_files(job_dir: Path) -> list[Path]:
+    return list((job_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
 def summary(job_dir: Path) -> dict:
     return json.loads((job_dir / "summary.json").read_text())
 
@@ -94,6 +98,10 @@ def test_failed_jobs_do_not_stop_the_sweep(tmp_path):
     assert "data.batch_size=0 is invalid" in bad_value_job["error"]
     assert "NonFiniteMetricError" in (jobs[0] / "train.log").read_text()
     assert (jobs[2] / "checkpoints" / "last.ckpt").is_file()
+    # The diverged job's W&B run was closed, so the next job logged into a run of its own.
+    failed_run, = (read_run(path) for path in wandb_files(jobs[0]))
+    finished_run, = (read_run(path) for path in wandb_files(jobs[2]))
+    assert failed_run["id"] != finished_run["id"]
     last_line = [line for line in result.stdout.splitlines() if line.strip()][-1]
     assert "Sweep finished: 3 of 4 jobs failed" in last_line
 
