@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -36,6 +37,12 @@ from genlab.run_dir import prepare_run_dir
 from genlab.sweep import FailedJob, is_multirun, record_failure, wandb_run_identity
 
 log = logging.getLogger("genlab.train")
+
+# The datamodules store their position in the epoch in checkpoints (datamodules/sampling.py),
+# which this Lightning warning about mid-epoch checkpoints does not know about.
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import Callback
 
@@ -103,10 +105,7 @@ class StopOnSignal(Callback):
         if self.requeue and job_id is not None:
             _requeue(job_id)
         else:
-            log.warning(
-                "Continue this run with: python train.py hydra.run.dir=%s resume=auto",
-                self._run_dir,
-            )
+            log.warning("Continue this run with: %s", continue_command(self._run_dir))
 
     def _any_rank_received(self, trainer: L.Trainer) -> bool:
         # A signal may reach some processes and not others; all must stop at the same step.
@@ -131,6 +130,15 @@ def init_dataloader_worker(worker_id: int) -> None:
     # seed_everything(workers=True), which train.py uses, it sets PL_SEED_WORKERS.
     if os.environ.get("PL_SEED_WORKERS") == "1":
         pl_worker_init_function(worker_id)
+
+
+def continue_command(run_dir: str) -> str:
+    """Return the command that resumes the run in `run_dir` with the overrides it started with."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.startswith(("hydra.run.dir=", "resume=", "ckpt_path="))]
+    return shlex.join(
+        ["python", "train.py", *kept, f"hydra.run.dir={run_dir}", "resume=auto"]
+    )
 
 
 def _last_checkpoint_path(trainer: L.Trainer) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning
@@ -18,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.config_check import ConfigError
 from genlab.ddp import is_global_zero
+
+log = logging.getLogger(__name__)
 
 
 def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
@@ -48,6 +52,7 @@ def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
         )
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    changes = _config_changes(run_dir / "config.yaml", cfg) if resuming_here else {}
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     command = [Path(sys.argv[0]).name, *sys.argv[1:]]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -55,8 +60,13 @@ def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
     if resuming_here and info_path.is_file():
         # A resumed run keeps the provenance of its first start and adds each resumption.
         run_info = json.loads(info_path.read_text())
+        if changes:
+            log.warning(
+                "Resuming with settings that differ from the run's last start: %s",
+                ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()),
+            )
         run_info.setdefault("resumed", []).append(
-            {"at": now, "from": str(ckpt_path), "command": command}
+            {"at": now, "from": str(ckpt_path), "command": command, "changed": changes}
         )
         info_path.write_text(json.dumps(run_info, indent=2) + "\n")
         return run_dir
@@ -74,6 +84,32 @@ def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
     }
     info_path.write_text(json.dumps(run_info, indent=2) + "\n")
     return run_dir
+
+
+def _config_changes(saved_path: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Return {key: (saved value, new value)} for the settings that differ from a saved config.
+
+    The keys that say how to start (resume, ckpt_path) are left out.
+    """
+    if not saved_path.is_file():
+        return {}
+    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changes = {}
+    for key in sorted(saved.keys() | new.keys()):
+        if key in ("resume", "ckpt_path") or saved.get(key) == new.get(key):
+            continue
+        changes[key] = (saved.get(key), new.get(key))
+    return changes
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return {key.rstrip("."): value for key, value in flat.items()}
 
 
 def _git_commit() -> str | None:

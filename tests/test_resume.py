@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -145,6 +146,9 @@ def test_resume_auto_continues_the_same_wandb_run_and_csv_log(tmp_path):
     assert train_steps == list(range(8)), "the CSV log was not continued"
     run_info = json.loads((run_dir / "run_info.json").read_text())
     assert len(run_info["resumed"]) == 1
+    # The settings changed on resuming are logged and recorded.
+    assert "trainer.max_steps: 4 -> 8" in second.stdout
+    assert run_info["resumed"][0]["changed"]["trainer.max_steps"] == [4, 8]
 
 
 def test_run_dir_with_checkpoints_is_refused_without_resume(tmp_path):
@@ -232,13 +236,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes_exactly(tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Received SIGTERM: stopping after the current training step" in output
-    assert f"Continue this run with: python train.py hydra.run.dir={stopped} resume=auto" in output
+    continue_line = next(line for line in output.splitlines() if "Continue this run with:" in line)
+    command = shlex.split(continue_line.split("Continue this run with: ", 1)[1])
+    assert command[:2] == ["python", "train.py"]
+    assert command[-2:] == [f"hydra.run.dir={stopped}", "resume=auto"]
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["status"] == "stopped"
     assert summary["global_step"] < 200
 
-    result = run_train([f"hydra.run.dir={stopped}", "resume=auto", *args], tmp_path)
+    # The printed command carries the run's overrides: run it as printed.
+    result = run_train(command[2:], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "settings that differ" not in result.stdout
     step_a, weights_a, _ = final_weights(straight)
     step_b, weights_b, _ = final_weights(stopped)
     assert step_a == step_b == 200
