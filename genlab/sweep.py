@@ -29,11 +29,14 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.callbacks import is_lower_better
 from genlab.config_check import optimized_metric_problems
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+# Written into the sweep directory when the sweep ends: every job's status and metric.
+SWEEP_SUMMARY_FILE = "sweep_summary.json"
 
 
 def is_multirun() -> bool:
@@ -117,15 +120,18 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        failures = []
         job_dirs = _job_dirs(sweep_dir)
-        for job_dir in job_dirs:
-            status, error = _job_status(job_dir)
-            if status != "finished":
-                failures.append((job_dir, error or f"status {status}"))
+        jobs = [_job_record(job_dir, config.get("optimized_metric")) for job_dir in job_dirs]
+        best = _best_job(jobs, config)
+        report = {"optimized_metric": config.get("optimized_metric"), "best": best, "jobs": jobs}
+        (sweep_dir / SWEEP_SUMMARY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if best is not None:
+            metric = report["optimized_metric"]
+            log.info("Best job: %s (%s = %.6g)", best["dir"], metric, best["value"])
 
-        for job_dir, error in failures:
-            log.error("Job %s failed: %s", job_dir.name, textwrap.shorten(error, 300))
+        failures = [job for job in jobs if job["status"] != "finished"]
+        for job in failures:
+            log.error("Job %s failed: %s", job["job"], textwrap.shorten(job["error"], 300))
         if failures:
             log.error(
                 "Sweep finished: %d of %d jobs failed; see summary.json and train.log in "
@@ -135,6 +141,37 @@ class SweepReport(Callback):
             logging.shutdown()
             sys.exit(1)
         log.info("Sweep finished: all %d jobs succeeded (%s)", len(job_dirs), sweep_dir)
+
+
+def _job_record(job_dir: Path, metric: str | None) -> dict[str, Any]:
+    """Return a job's entry in sweep_summary.json: its status, error and optimized metric."""
+    status, error = _job_status(job_dir)
+    overrides_path = job_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(overrides_path))
+    value = None
+    if metric is not None and status == "finished":
+        value = json.loads((job_dir / SUMMARY_FILE).read_text()).get("final", {}).get(metric)
+    return {
+        "job": job_dir.name,
+        "dir": str(job_dir),
+        "status": status,
+        "error": error or (None if status == "finished" else f"status {status}"),
+        "overrides": overrides,
+        "value": value,
+    }
+
+
+def _best_job(jobs: list[dict[str, Any]], config: DictConfig) -> dict[str, Any] | None:
+    """Return the finished job with the best value of the optimized metric, or None."""
+    scored = [job for job in jobs if job["value"] is not None]
+    if not scored:
+        return None
+    # An Optuna sweep states its direction; a grid sweep follows the metric's own.
+    direction = config.hydra.sweeper.get("direction")
+    if direction is None:
+        direction = "minimize" if is_lower_better(config.optimized_metric) else "maximize"
+    pick = min if str(direction).lower().endswith("minimize") else max
+    return pick(scored, key=lambda job: job["value"])
 
 
 def sweep_problems(config: DictConfig) -> list[str]:

@@ -167,7 +167,8 @@ def test_ddp_multirun_creates_only_job_directories(ddp_multirun):
     assert [path.name for path in (cwd / "logs" / "vae_digits").iterdir()] == ["multiruns"]
     sweeps = sweep_dirs(cwd)
     assert len(sweeps) == 1, f"expected one sweep directory, found {sweeps}"
-    assert sorted(path.name for path in sweeps[0].iterdir()) == ["0", "1", "multirun.yaml"]
+    expected = ["0", "1", "multirun.yaml", "sweep_summary.json"]
+    assert sorted(path.name for path in sweeps[0].iterdir()) == expected
     assert (result.stdout + result.stderr).count("Launching 2 jobs") == 1
 
 

@@ -54,7 +54,8 @@ def test_grid_sweep_runs_each_job_in_its_own_directory(grid_sweep):
     sweep = sweep_dir(cwd, "vae_digits")
     jobs = job_dirs(sweep)
     assert [job.name for job in jobs] == ["0", "1", "2", "3"]
-    assert sorted(path.name for path in sweep.iterdir() if path.is_file()) == ["multirun.yaml"]
+    files = sorted(path.name for path in sweep.iterdir() if path.is_file())
+    assert files == ["multirun.yaml", "sweep_summary.json"]
     assert not (cwd / "logs" / "vae_digits" / "runs").exists(), "a job wrote a single-run dir"
     tried = set()
     for job in jobs:
@@ -132,6 +133,14 @@ def test_optuna_search_optimizes_the_metric_the_jobs_return(tmp_path):
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(min(s["final"]["val/ppl"] for s in finished))
     assert results["best_params"]["model.lr"] == 3e-3
+
+    # sweep_summary.json names the best job, the one Optuna found best.
+    report = json.loads((sweep / "sweep_summary.json").read_text())
+    assert report["optimized_metric"] == "val/ppl"
+    assert report["best"]["value"] == pytest.approx(results["best_value"])
+    assert summary(Path(report["best"]["dir"]))["final"]["val/ppl"] == report["best"]["value"]
+    assert [job["status"] for job in report["jobs"]] == [summary(job)["status"] for job in jobs]
+    assert f"Best job: {report['best']['dir']}" in output
 
 
 def test_optuna_search_rejects_an_unknown_metric_before_training(tmp_path):
