@@ -72,7 +72,11 @@ class ResumableTrainOrder:
     def state_dict(self) -> dict[str, int]:
         if self._train_sampler is None or self.trainer is None:
             return {}
-        batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        fit_loop = self.trainer.fit_loop
+        epochs = fit_loop.epoch_progress.current
+        # Between epochs (when one starts, or after the last) no batch of the next is done.
+        in_epoch = epochs.started > epochs.processed
+        batches_done = fit_loop.epoch_loop.batch_progress.current.processed if in_epoch else 0
         return {"epoch": self.trainer.current_epoch, "batches_done": batches_done}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:

@@ -35,6 +35,10 @@ class RunSummary(Callback):
     def __init__(self) -> None:
         self.best: dict[str, float] = {}
         self.final: dict[str, float] = {}
+        self._trained = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self._trained = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Epoch-level metrics reach callback_metrics after on_validation_epoch_end hooks run.
@@ -61,8 +65,12 @@ class RunSummary(Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        summary = self.summarize(trainer)
         run_dir = Path(trainer.default_root_dir)
+        if not self._trained and (run_dir / "summary.json").is_file():
+            # A resumed run that had nothing left to train keeps the summary it had.
+            log.info("No training step ran; %s is unchanged", run_dir / "summary.json")
+            return
+        summary = self.summarize(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)

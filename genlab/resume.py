@@ -129,13 +129,16 @@ def _set_random_state(state: dict[str, Any]) -> None:
 
 
 class LastCheckpoint(Checkpoint):
-    """Write last.ckpt, the checkpoint runs resume from, at the end of training steps.
+    """Write last.ckpt, the checkpoint runs resume from, between training steps.
 
     It is saved after the step that ends an epoch, after each step that precedes a
-    validation, every `every_n_train_steps` steps when set, and after the final step. It is
-    never saved during validation, because Lightning 2.6 restores the epoch counter of such
-    a checkpoint one ahead, and the resumed run trains one epoch short. From the end of a
-    step Lightning replays the validation and continues exactly.
+    validation, every `every_n_train_steps` steps when set, and after the final step. Once
+    an epoch's validation is over it is saved again, when the next epoch starts or when
+    training ends, so that it also holds the results of that validation (the best
+    checkpoint so far, the run summary).
+
+    It is never saved during validation, because Lightning 2.6 restores the epoch counter
+    of such a checkpoint one ahead, and the resumed run trains one epoch short.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None) -> None:
@@ -154,10 +157,18 @@ class LastCheckpoint(Checkpoint):
         return str(Path(self.dirpath) / "last.ckpt")
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run or not self._due(trainer):
-            return
-        trainer.save_checkpoint(self.path)
+        if not trainer.fast_dev_run and self._due(trainer):
+            self._save(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the first epoch, the previous epoch and its validation are complete here.
+        if not trainer.fast_dev_run and trainer.current_epoch > 0:
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        # Set before saving, so that the checkpoint records its own path.
         self.last_model_path = self.path
+        trainer.save_checkpoint(self.path)
 
     def _due(self, trainer: L.Trainer) -> bool:
         epoch_loop = trainer.fit_loop.epoch_loop
