@@ -110,7 +110,7 @@ class RunSummary(Callback):
 class FailOnNonFinite(Callback):
     """Fail the run as soon as a training or validation metric is NaN or infinite.
 
-    A diverged run otherwise trains on for hours and saves useless checkpoints; in a
+    A diverged run otherwise trains on for hours and saves useless checkpoints. In a
     sweep, the failure marks the job failed and the sweep goes on with the others.
     """
 

@@ -316,7 +316,7 @@ def _check_strategy(trainer: dict, model_cls: type | None) -> list[str]:
     """Reject strategies that fail once the processes have started."""
     strategy = trainer.get("strategy", "auto")
     target = strategy.get("_target_", "") if isinstance(strategy, dict) else ""
-    # Models that step their optimizers themselves say so with a class attribute.
+    # Models that step their optimizers themselves declare it in a class attribute.
     manual = getattr(model_cls, "manual_optimization", False)
     problems = []
     if manual and strategy in ("ddp", "ddp_spawn"):

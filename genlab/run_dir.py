@@ -89,7 +89,7 @@ def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
 def _config_changes(saved_path: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Return {key: (saved value, new value)} for the settings that differ from a saved config.
 
-    The keys that say how to start (resume, ckpt_path) are left out.
+    The keys that choose the starting checkpoint (resume, ckpt_path) are left out.
     """
     if not saved_path.is_file():
         return {}

@@ -259,8 +259,8 @@ class SaveParameters(Callback):
         torch.save({"step": pl_module.global_step, "parameters": parameters}, self.folder / name)
 
 
-def test_gan_ranks_agree_after_ddp_steps(tmp_path):
-    torch.manual_seed(0)
+def fit_gan_on_two_processes(tmp_path: Path, max_steps: int, callbacks: list[Callback]) -> None:
+    """Train a tiny GAN on the digits with DDP over 2 spawned CPU processes."""
     model = GAN(image_size=8, channels=1, latent_dim=8, generator_width=8, discriminator_width=8)
     datamodule = ImageDataModule(source="digits", image_size=8, channels=1, batch_size=16)
     trainer = L.Trainer(
@@ -268,16 +268,22 @@ def test_gan_ranks_agree_after_ddp_steps(tmp_path):
         devices=2,
         # Each of the GAN's two steps leaves one network without gradients.
         strategy="ddp_spawn_find_unused_parameters_true",
-        max_steps=6,  # three batches: a discriminator and a generator step each
+        max_steps=max_steps,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=[SaveParameters(tmp_path)],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=datamodule)
+
+
+def test_gan_ranks_agree_after_ddp_steps(tmp_path):
+    torch.manual_seed(0)
+    # Three batches: a discriminator and a generator step each.
+    fit_gan_on_two_processes(tmp_path, max_steps=6, callbacks=[SaveParameters(tmp_path)])
 
     start = torch.load(tmp_path / "start_rank0.pt")["parameters"]
     end = [torch.load(tmp_path / f"end_rank{rank}.pt") for rank in (0, 1)]
@@ -307,23 +313,9 @@ class SaveNoise(Callback):
 
 def test_ranks_draw_different_noise(tmp_path):
     L.seed_everything(0)
-    model = GAN(image_size=8, channels=1, latent_dim=8, generator_width=8, discriminator_width=8)
-    datamodule = ImageDataModule(source="digits", image_size=8, channels=1, batch_size=16)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn_find_unused_parameters_true",
-        max_steps=4,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        # SaveNoise draws after RandomStateCheckpoint has set the step's state.
-        callbacks=[RandomStateCheckpoint(), SaveNoise(tmp_path)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, datamodule=datamodule)
+    # SaveNoise draws after RandomStateCheckpoint has set the step's state.
+    callbacks = [RandomStateCheckpoint(), SaveNoise(tmp_path)]
+    fit_gan_on_two_processes(tmp_path, max_steps=4, callbacks=callbacks)
 
     rank0, rank1 = (torch.load(tmp_path / f"noise_rank{rank}.pt") for rank in (0, 1))
     assert rank0.shape == rank1.shape == (2, 4)

@@ -116,7 +116,7 @@ def test_resume_auto_starts_fresh_without_checkpoint(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4
 
 
-def test_resume_auto_continues_the_same_wandb_run_and_csv_log(tmp_path):
+def test_resume_auto_continues_wandb_and_csv(tmp_path):
     run_dir = tmp_path / "run"
     first = run_train([f"hydra.run.dir={run_dir}", "debug=smoke"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -138,7 +138,8 @@ def test_resume_auto_continues_the_same_wandb_run_and_csv_log(tmp_path):
     assert len(run_ids) == 1, f"the resumed run started a new W&B run: {run_ids}"
     steps = [row["trainer/global_step"] for path in run_files for row in read_history(path)
              if "train/loss" in row]  # fmt: skip
-    assert steps == sorted(steps) and len(steps) == len(set(steps)) == 8
+    assert steps == sorted(steps)
+    assert len(steps) == len(set(steps)) == 8
 
     with open(run_dir / "csv" / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
@@ -217,7 +218,7 @@ def test_sigkill_while_saving_never_leaves_a_broken_checkpoint(tmp_path):
         assert torch.all(checkpoint["weights"] == checkpoint["step"])
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes_exactly(tmp_path):
+def test_sigterm_then_resume_is_exact(tmp_path):
     args = [*COMMON, *MODELS["vae"], "trainer.max_steps=200", "logger=csv"]
     straight = tmp_path / "straight"
     assert run_train([f"hydra.run.dir={straight}", *args], tmp_path).returncode == 0

@@ -49,7 +49,7 @@ def grid_sweep(tmp_path_factory):
     return cwd, result
 
 
-def test_grid_sweep_runs_each_job_in_its_own_directory(grid_sweep):
+def test_grid_sweep_job_directories(grid_sweep):
     cwd, result = grid_sweep
     sweep = sweep_dir(cwd, "vae_digits")
     jobs = job_dirs(sweep)
@@ -67,7 +67,7 @@ def test_grid_sweep_runs_each_job_in_its_own_directory(grid_sweep):
     assert "Sweep finished: all 4 jobs succeeded" in result.stdout
 
 
-def test_grid_sweep_gives_each_job_a_wandb_run_in_one_group(grid_sweep):
+def test_grid_sweep_wandb_runs_and_group(grid_sweep):
     cwd, _ = grid_sweep
     sweep = sweep_dir(cwd, "vae_digits")
     runs = []
@@ -159,7 +159,7 @@ def test_single_run_checks_the_optimized_metric(tmp_path):
     assert "optimized_metric='val/ppl' is not a metric that VAE logs" in result.stdout
 
 
-def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+def test_simultaneous_runs_separate_directories(tmp_path):
     import subprocess
     import sys
 
