@@ -91,6 +91,10 @@ class ResumableTrainOrder:
         rank = trainer.global_rank if trainer is not None else 0
         # torch.initial_seed() is the seed given to seed_everything (train.py seeds first).
         seed = torch.initial_seed() % 2**63
+        if world_size > 1:
+            # The processes must shuffle alike to split the data between them. Without a
+            # seed (seed=null) their initial seeds differ, so rank 0's is used everywhere.
+            seed = trainer.strategy.broadcast(seed, src=0)
         sampler = ResumableSampler(
             dataset,
             num_replicas=world_size,

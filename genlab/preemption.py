@@ -4,8 +4,8 @@ SLURM signals a job shortly before its time limit or a preemption (submitit requ
 SIGUSR2, `#SBATCH --signal` scripts often use SIGUSR1) and sends SIGTERM when it ends it.
 On any of these the run finishes the training step in progress, saves last.ckpt and
 stops. train.py then closes the loggers and, under SLURM, requeues the job: the requeue
-comes last because SLURM answers it by sending SIGTERM to every process of the job, the
-W&B service among them. The requeued job resumes from last.ckpt in the same run
+comes last because SLURM responds to it by sending SIGTERM to every process of the job,
+the W&B service among them. The requeued job resumes from last.ckpt in the same run
 directory (see genlab/resume.py), at the same global step.
 """
 
@@ -135,9 +135,13 @@ def init_dataloader_worker(worker_id: int) -> None:
 def continue_command(run_dir: str) -> str:
     """Return the command that resumes the run in `run_dir` with the overrides it started with."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    kept = [o for o in overrides if not o.startswith(("hydra.run.dir=", "resume=", "ckpt_path="))]
+    repeated = [
+        override
+        for override in overrides
+        if not override.startswith(("hydra.run.dir=", "resume=", "ckpt_path="))
+    ]
     return shlex.join(
-        ["python", "train.py", *kept, f"hydra.run.dir={run_dir}", "resume=auto"]
+        ["python", "train.py", *repeated, f"hydra.run.dir={run_dir}", "resume=auto"]
     )
 
 

@@ -132,13 +132,17 @@ class LastCheckpoint(Checkpoint):
     """Write last.ckpt, the checkpoint runs resume from, between training steps.
 
     It is saved after the step that ends an epoch, after each step that precedes a
-    validation, every `every_n_train_steps` steps when set, and after the final step. Once
-    an epoch's validation is over it is saved again, when the next epoch starts or when
-    training ends, so that it also holds the results of that validation (the best
-    checkpoint so far, the run summary).
+    validation, every `every_n_train_steps` steps when set, and after the final step. When
+    the next epoch starts it is saved again, so that it also contains the results of the
+    previous epoch's validation (the best checkpoint so far, the run summary).
 
-    It is never saved during validation, because Lightning 2.6 restores the epoch counter
-    of such a checkpoint one ahead, and the resumed run trains one epoch short.
+    It is never saved during validation or when training ends, because Lightning 2.6
+    restores the epoch counter of such a checkpoint one ahead, and the resumed run trains
+    one epoch short.
+
+    NOTE: the last.ckpt of a run that ended at an epoch's end predates that epoch's
+    validation, which a run extended from it does not repeat. An extra best-*.ckpt can then
+    remain, and the best-checkpoint choice does not see that validation.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None) -> None:

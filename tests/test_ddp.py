@@ -357,8 +357,8 @@ def test_child_keeps_hydra_overrides_of_the_job():
         "hydra.verbose=true",
         "hydra.job_logging.root.level=DEBUG",
     ]
-    kept = inherited_hydra_overrides(overrides)
-    assert kept == ["hydra.verbose=true", "hydra.job_logging.root.level=DEBUG"]
+    inherited = inherited_hydra_overrides(overrides)
+    assert inherited == ["hydra.verbose=true", "hydra.job_logging.root.level=DEBUG"]
 
 
 def test_override_values_are_quoted():
