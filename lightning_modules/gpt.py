@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from datamodules.tokenizers import tokenizer_from_dict
+from genlab.checkpoints import RecordsModelClass
 from genlab.samples import samples_dir
 from lightning_modules.nets.transformer import Transformer, TransformerConfig
 
@@ -39,7 +40,7 @@ def warmup_cosine_lr(
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-class GPT(L.LightningModule):
+class GPT(RecordsModelClass, L.LightningModule):
     """Decoder-only transformer trained by next-token prediction.
 
     vocab_size, block_size and tokenizer come from the datamodule's `model_inputs()`; the

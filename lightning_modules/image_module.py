@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from genlab.checkpoints import RecordsModelClass
 from genlab.fid import FIDSettings, build_fid_metric, images_for_fid
 
 # Images generated per forward pass while collecting FID samples. Changing it changes
@@ -41,7 +42,7 @@ def shard_size(total: int, rank: int, world_size: int) -> int:
     return total // world_size + (1 if rank < total % world_size else 0)
 
 
-class ImageGenerativeModule(L.LightningModule):
+class ImageGenerativeModule(RecordsModelClass, L.LightningModule):
     """LightningModule for image models, with FID every `fid.every_n_epochs` training epochs.
 
     FID is computed in the validation of each epoch whose number, counted from 1, is a
