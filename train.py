@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.config_check import ConfigError, check_config
 from genlab.ddp import distributed_job
+from genlab.loggers import log_config
 from genlab.preemption import StopOnSignal
 from genlab.resume import resolve_ckpt_path
 from genlab.run_dir import prepare_run_dir
@@ -85,9 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
 
-    hyperparameters = OmegaConf.to_container(cfg, resolve=True)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(hyperparameters)
+    log_config(trainer.loggers, OmegaConf.to_container(cfg, resolve=True))
 
     log.info("Training" + (f", resuming from {ckpt_path}" if ckpt_path else ""))
     trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from genlab.loggers import wandb_identity
 from genlab.samples import samples_dir
 
 log = logging.getLogger(__name__)
@@ -24,18 +25,29 @@ class RunSummary(Callback):
     """Track the best value of every validation metric and report the run when fit ends.
 
     The best value is tracked for the validation metrics that are better when lower:
-    losses, perplexity, negative ELBO, bits, reconstruction error and FID. Metrics without a
-    direction, such as the KL term or a GAN's losses, get only a final value.
+    losses, perplexity, negative ELBO, bits, reconstruction error and FID. The metric that
+    chooses the best checkpoint is tracked in its checkpoint callback's direction. Other
+    metrics, such as the KL term or a GAN's losses, get only a final value.
+
+    Each new best value is also written to the summary of the W&B run as `best/<metric>`,
+    next to W&B's own last value, so the runs table can sort runs by their best result.
 
     The report is printed and written to `<run dir>/summary.json`: final and best metrics,
-    the run directory, the best and last checkpoints, the sample images and, for offline
-    W&B runs, the sync command.
+    the run directory, the best and last checkpoints, the sample images, the W&B run and,
+    for offline W&B runs, the sync command.
     """
 
     def __init__(self) -> None:
         self.best: dict[str, float] = {}
         self.final: dict[str, float] = {}
         self._trained = False
+        # Metric key -> "min" or "max" for the metrics with a direction other than by name.
+        self._modes: dict[str, str] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if callback.monitor is not None:
+                self._modes[callback.monitor] = callback.mode
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         self._trained = True
@@ -44,17 +56,20 @@ class RunSummary(Callback):
         # Epoch-level metrics reach callback_metrics after on_validation_epoch_end hooks run.
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        improved = {}
         for key, value in trainer.callback_metrics.items():
             if not key.startswith("val/"):
                 continue
             value = float(value)
             self.final[key] = value
-            if (
-                is_lower_better(key)
-                and not math.isnan(value)
-                and value < self.best.get(key, math.inf)
-            ):
-                self.best[key] = value
+            mode = self._modes.get(key, "min" if is_lower_better(key) else None)
+            if mode is None or math.isnan(value):
+                continue
+            previous = self.best.get(key)
+            if previous is None or (value < previous if mode == "min" else value > previous):
+                self.best[key] = improved[key] = value
+        if improved:
+            _publish_best(trainer, improved)
 
     def state_dict(self) -> dict:
         return {"best": dict(self.best), "final": dict(self.final)}
@@ -98,13 +113,24 @@ class RunSummary(Callback):
             "best_checkpoint": best or None,
             "last_checkpoint": last or None,
             "samples_dir": str(sample_folder.resolve()) if sample_folder.exists() else None,
+            "wandb": None,
             "wandb_sync": None,
         }
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and getattr(logger.experiment, "offline", False):
-                # experiment.dir is <run>/wandb/offline-run-<time>-<id>/files.
-                summary["wandb_sync"] = f"wandb sync {Path(logger.experiment.dir).parent}"
+            if isinstance(logger, WandbLogger):
+                summary["wandb"] = wandb_identity(logger)
+                if summary["wandb"]["mode"] == "offline":
+                    # experiment.dir is <run>/wandb/offline-run-<time>-<id>/files.
+                    summary["wandb_sync"] = f"wandb sync {Path(logger.experiment.dir).parent}"
         return summary
+
+
+@rank_zero_only
+def _publish_best(trainer: L.Trainer, best: dict[str, float]) -> None:
+    """Write new best values into the summary of each W&B run, as best/<metric>."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update({f"best/{key}": value for key, value in best.items()})
 
 
 class FailOnNonFinite(Callback):

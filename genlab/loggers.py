@@ -8,15 +8,17 @@ import netrc
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import lightning.pytorch.loggers
 import wandb
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from genlab.ddp import is_global_zero
+from genlab.run_dir import flatten_config
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,31 @@ def wandb_logger(
         # push it out of view.
         settings=wandb.Settings(quiet=True),
     )
+
+
+def log_config(loggers: list[Logger], config: dict[str, Any]) -> None:
+    """Send the run's resolved config to every logger.
+
+    W&B gets it flattened to dotted keys ("model.lr"), one column per setting in the runs
+    table, so runs can be filtered, grouped and plotted by any setting. The other loggers
+    get it nested, as config.yaml has it.
+    """
+    for logger in loggers:
+        flat = isinstance(logger, WandbLogger)
+        logger.log_hyperparams(flatten_config(config) if flat else config)
+
+
+def wandb_identity(logger: WandbLogger) -> dict[str, Any]:
+    """Return what finds the logger's W&B run again: project, group, name, id and mode."""
+    run = logger.experiment
+    return {
+        "project": run.project,
+        "group": run.group or None,
+        "name": run.name,
+        "id": run.id,
+        "job_type": run.job_type,
+        "mode": "offline" if getattr(run, "offline", False) else "online",
+    }
 
 
 def existing_run_id(save_dir: Path) -> str | None:

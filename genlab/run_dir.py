@@ -93,8 +93,8 @@ def _config_changes(saved_path: Path, cfg: DictConfig) -> dict[str, tuple[Any, A
     """
     if not saved_path.is_file():
         return {}
-    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    saved = flatten_config(OmegaConf.to_container(OmegaConf.load(saved_path)))
+    new = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     changes = {}
     for key in sorted(saved.keys() | new.keys()):
         if key in ("resume", "ckpt_path") or saved.get(key) == new.get(key):
@@ -103,13 +103,17 @@ def _config_changes(saved_path: Path, cfg: DictConfig) -> dict[str, tuple[Any, A
     return changes
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix: node}
+def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys: {"model": {"lr": 1}} -> {"model.lr": 1}.
+
+    Lists are values, not levels. An empty dict keeps its key, with {} as the value.
+    """
+    if not isinstance(node, dict) or (not node and prefix):
+        return {prefix.rstrip("."): node}
     flat = {}
     for key, value in node.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return {key.rstrip("."): value for key, value in flat.items()}
+        flat.update(flatten_config(value, f"{prefix}{key}."))
+    return flat
 
 
 def _git_commit() -> str | None:

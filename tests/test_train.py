@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_train
-from wandb_records import read_config, read_history
+from wandb_records import read_config, read_history, read_run, read_summary
 
 SMOKE = ["debug=smoke"]
 
@@ -31,7 +31,7 @@ def wandb_run_file(run_dir: Path) -> Path:
 def default_run(tmp_path_factory):
     """One smoke run of the default experiment, shared by the tests that inspect its output."""
     cwd = tmp_path_factory.mktemp("default_run")
-    result = run_train([*SMOKE, "seed=0"], cwd)
+    result = run_train([*SMOKE, "seed=0", "tags=[smoke]"], cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, result, single_run_dir(cwd, "vae_digits")
 
@@ -89,12 +89,35 @@ def test_wandb_offline_run_contains_logged_metrics(default_run):
     assert val_nelbos[0] == pytest.approx(summary["final"]["val/nelbo"], rel=1e-5)
 
 
-def test_wandb_offline_run_contains_config_as_hyperparameters(default_run):
+def test_wandb_offline_run_contains_flattened_config(default_run):
     _, _, run_dir = default_run
     config = read_config(wandb_run_file(run_dir))
+    # One dotted key per setting, so the runs table has a column for each.
     assert config["seed"] == 0
-    assert config["model"]["_target_"].endswith(".VAE")
-    assert config["data"]["source"] == "digits"
+    assert config["model._target_"].endswith(".VAE")
+    assert config["data.source"] == "digits"
+    assert config["trainer.max_steps"] == 4
+    assert not any(isinstance(value, dict) for value in config.values() if value != {})
+
+
+def test_wandb_offline_run_carries_what_dashboards_compare(default_run):
+    _, _, run_dir = default_run
+    run_file = wandb_run_file(run_dir)
+    run = read_run(run_file)
+    assert run["group"] == "vae_digits"
+    assert run["job_type"] == "train"
+    assert run["tags"] == ["smoke"]
+    summary = read_summary(run_file)
+    assert summary["best/val/nelbo"] == pytest.approx(summary["val/nelbo"])
+    # Sample grids arrive under the same keys at every validation.
+    images = {
+        key.rsplit("/", 1)[0]
+        for row in read_history(run_file)
+        for key, value in row.items()
+        if key.startswith("samples/") and key.endswith("/_type") and value.startswith("images")
+    }
+    assert images == {"samples/generated", "samples/reconstructions"}
+    assert json.loads((run_dir / "summary.json").read_text())["wandb"]["id"] == run["id"]
 
 
 def test_wandb_offline_run_prints_sync_command(default_run):

@@ -76,8 +76,18 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def read_summary(path: Path) -> dict:
+    """Return the run summary as {key: decoded JSON value}, later updates winning."""
+    summary = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary
+
+
 def read_run(path: Path) -> dict:
-    """Return the identity of the run: its id, name (display name), group and job type."""
+    """Return the identity of the run: id, name (display name), group, job type and tags."""
     for record in read_records(path):
         if record.WhichOneof("record_type") == "run":
             run = record.run
@@ -86,5 +96,6 @@ def read_run(path: Path) -> dict:
                 "name": run.display_name,
                 "group": run.run_group,
                 "job_type": run.job_type,
+                "tags": list(run.tags),
             }
     raise ValueError(f"{path} holds no run record")
