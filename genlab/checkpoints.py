@@ -114,7 +114,8 @@ def load_checkpoint(
             "without the EMA callback (callbacks=ema). Use weights=raw or weights=auto."
         )
     chosen = "ema" if has_ema and weights != "raw" else "raw"
-    state_dict = checkpoint[RAW_WEIGHTS_KEY] if has_ema and chosen == "raw" else checkpoint["state_dict"]
+    # With an average, state_dict holds it and RAW_WEIGHTS_KEY the trained weights.
+    state_dict = checkpoint[RAW_WEIGHTS_KEY if has_ema and chosen == "raw" else "state_dict"]
 
     model = model_class(**hyperparameters)
     model.load_state_dict(state_dict)
