@@ -96,7 +96,7 @@ def log_config(loggers: list[Logger], config: dict[str, Any]) -> None:
 
 
 def wandb_identity(logger: WandbLogger) -> dict[str, Any]:
-    """Return what finds the logger's W&B run again: project, group, name, id and mode."""
+    """Return the identity of the logger's W&B run: project, group, name, id, job type, mode."""
     run = logger.experiment
     return {
         "project": run.project,
