@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,6 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from genlab.loggers import wandb_identity
+from genlab.metrics import is_lower_better
+from genlab.run_dir import write_json
 from genlab.samples import samples_dir
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class RunSummary(Callback):
             return
         summary = self.summarize(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / "summary.json", summary)
         _print_summary(summary)
 
     def summarize(self, trainer: L.Trainer) -> dict:
@@ -160,18 +161,6 @@ class FailOnNonFinite(Callback):
 
 class NonFiniteMetricError(ArithmeticError):
     """A logged metric is NaN or infinite."""
-
-
-# Beginnings of the validation metric names (after "val/") that are better when lower.
-# "loss" must match exactly: a GAN's d_loss and g_loss do not fall steadily as the
-# generator improves.
-LOWER_IS_BETTER_PREFIXES = ("nelbo", "bpd", "bpt", "ppl", "recon", "fid")
-
-
-def is_lower_better(key: str) -> bool:
-    """Return whether the metric `key` (such as "val/fid_randconv_1000") is better when lower."""
-    name = key.split("/", 1)[-1]
-    return name == "loss" or name.startswith(LOWER_IS_BETTER_PREFIXES)
 
 
 def _print_summary(summary: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
         run_info.setdefault("resumed", []).append(
             {"at": now, "from": str(ckpt_path), "command": command, "changed": changes}
         )
-        info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+        write_json(info_path, run_info)
         return run_dir
     run_info = {
         "command": command,
@@ -82,8 +83,20 @@ def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
         "torchmetrics": torchmetrics.__version__,
         "wandb": wandb.__version__,
     }
-    info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+    write_json(info_path, run_info)
     return run_dir
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON to `path` through a temporary file and a rename.
+
+    A reader, such as compare.py on a running run, then sees the old file or the new one,
+    never half of one.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 def _config_changes(saved_path: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:

@@ -29,8 +29,9 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from genlab.callbacks import is_lower_better
 from genlab.config_check import optimized_metric_problems
+from genlab.metrics import is_lower_better
+from genlab.run_dir import write_json
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
         error=f"{type(error).__name__}: {error}",
         traceback="".join(traceback.format_exception(error)),
     )
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary_path, summary)
 
 
 class SweepReport(Callback):
@@ -124,7 +125,7 @@ class SweepReport(Callback):
         jobs = [_job_record(job_dir, config.get("optimized_metric")) for job_dir in job_dirs]
         best = _best_job(jobs, config)
         report = {"optimized_metric": config.get("optimized_metric"), "best": best, "jobs": jobs}
-        (sweep_dir / SWEEP_SUMMARY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(sweep_dir / SWEEP_SUMMARY_FILE, report)
         if best is not None:
             metric = report["optimized_metric"]
             log.info("Best job: %s (%s = %.6g)", best["dir"], metric, best["value"])

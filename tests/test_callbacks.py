@@ -12,19 +12,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 from wandb_records import read_summary
 
-from genlab.callbacks import RunSummary, is_lower_better
+from genlab.callbacks import RunSummary
 from genlab.loggers import wandb_logger
+from genlab.metrics import is_lower_better
 
 
 @pytest.mark.parametrize(
     "key", ["val/loss", "val/nelbo", "val/bpd", "val/bpt", "val/ppl", "val/recon",
-            "val/fid_randconv_1000", "val/fid_inception_50000"],
+            "val/fid_randconv_1000", "val/fid_inception_50000", "test/kid_randconv_350",
+            "val/nll_iwae_100"],
 )
 def test_lower_is_better_metrics(key):
     assert is_lower_better(key)
 
 
-@pytest.mark.parametrize("key", ["val/kl", "val/d_loss", "val/g_loss", "val/d_real"])
+@pytest.mark.parametrize(
+    "key", ["val/kl", "val/d_loss", "val/g_loss", "val/d_real", "val/kid_randconv_350_std"]
+)
 def test_metrics_without_direction(key):
     assert not is_lower_better(key)
 
