@@ -23,19 +23,17 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import wandb
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.config_check import ConfigError, check_config
 from genlab.ddp import distributed_job
-from genlab.loggers import log_config
+from genlab.loggers import build_loggers, finish_wandb_run, log_config
 from genlab.preemption import StopOnSignal
 from genlab.resume import resolve_ckpt_path
 from genlab.run_dir import prepare_run_dir
-from genlab.sweep import FailedJob, is_multirun, record_failure, wandb_run_identity
+from genlab.sweep import FailedJob, is_multirun, record_failure
 
 log = logging.getLogger("genlab.train")
 
@@ -95,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
     if cfg.get("validate_best") and not (stop is not None and stop.stopped):
         validate_best_checkpoint(trainer, model, datamodule)
-    _finish_wandb_run(exit_code=0)
+    finish_wandb_run(exit_code=0)
     if stop is not None and stop.stopped:
         stop.finish()
         raise RunStopped(stop.received or 0)
@@ -153,23 +151,6 @@ def build_callbacks(
     return callbacks
 
 
-def build_loggers(logger_cfg: DictConfig | None, task_name: str) -> list[Logger]:
-    """Instantiate the loggers; an unset W&B group and name describe the sweep and the job."""
-    if not logger_cfg:
-        return []
-    loggers = []
-    for name, node in logger_cfg.items():
-        if node is None or "_target_" not in node:
-            continue
-        log.info("  %s <%s>", name, node._target_)
-        if node._target_ == "genlab.loggers.wandb_logger":
-            group, run_name = wandb_run_identity(task_name)
-            node.group = node.get("group") or group
-            node.name = node.get("name") or run_name
-        loggers.append(hydra.utils.instantiate(node))
-    return loggers
-
-
 class DataNotFoundError(Exception):
     """The data a run needs is neither on disk nor downloadable.
 
@@ -208,7 +189,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
         sys.exit(128 + stopped.signum)
     except (ConfigError, DataNotFoundError) as error:
         log.error("%s", error)
-        _finish_wandb_run(exit_code=1)
+        finish_wandb_run(exit_code=1)
         if is_multirun():
             record_failure(run_dir, error)
             return FailedJob(error)
@@ -216,7 +197,7 @@ def main(cfg: DictConfig) -> float | FailedJob | None:
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     except Exception as error:
         # The next job of a sweep would otherwise log into this job's W&B run.
-        _finish_wandb_run(exit_code=1)
+        finish_wandb_run(exit_code=1)
         record_failure(run_dir, error)
         if not is_multirun():
             raise
@@ -239,16 +220,6 @@ def optimized_metric_value(key: str | None, metrics: dict[str, float]) -> float 
     if not math.isfinite(value):
         raise MetricError(f"optimized_metric={key!r} ended at {value}, not a finite number")
     return value
-
-
-def _finish_wandb_run(exit_code: int) -> None:
-    """Close the W&B run of this process, if one is open, marking it with `exit_code`."""
-    if wandb.run is None:
-        return
-    try:
-        wandb.finish(exit_code=exit_code)
-    except Exception as error:  # the W&B service may be gone, e.g. after a signal
-        log.warning("Could not close the W&B run: %s", error)
 
 
 def _remove_unused_run_dir(run_dir: Path) -> None:

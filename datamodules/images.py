@@ -4,14 +4,17 @@ Sources:
 
 - ``digits``: scikit-learn's 8 x 8 handwritten digits (1,797 images, grey levels 0..16),
   which ship with scikit-learn, so they need no download.
-- ``mnist``, ``fashion_mnist``, ``cifar10``: torchvision's classes, training split. Files
-  are read from ``root`` and downloaded there when ``download`` is true.
+- ``mnist``, ``fashion_mnist``, ``cifar10``: torchvision's classes. Training and validation
+  come from the training split; the test split (``setup("test")``, ``test_dataloader``) is
+  torchvision's test set. Files are read from ``root`` and downloaded there when
+  ``download`` is true.
 - ``folder``: any directory of images, either with one subfolder per class (labels are the
   class indices) or flat (labels are -1).
 
 Every image is resized to image_size x image_size (Resize of the shorter side, then
 CenterCrop) and converted to `channels` (1: grey, 3: RGB). The validation set is a fixed
 random part of the training split, drawn with a torch.Generator seeded by `split_seed`.
+The other sources have no test split.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
         self.path = None if path is None else Path(path)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     @classmethod
     def config_problems(cls, node: dict[str, Any]) -> list[str]:
@@ -124,6 +128,10 @@ class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
         """Return the model constructor arguments that depend on the data; reads no data."""
         return {"image_size": self.image_size, "channels": self.channels}
 
+    def available_splits(self) -> tuple[str, ...]:
+        """Return the splits a model can be evaluated on: "val", and "test" for torchvision data."""
+        return ("val", "test") if self.source in TORCHVISION_SOURCES else ("val",)
+
     # ------------------------------------------------------------------ Lightning hooks
 
     def prepare_data(self) -> None:
@@ -132,6 +140,12 @@ class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
             prepare_torchvision_files(self.source, self.root, self.download)
 
     def setup(self, stage: str | None = None) -> None:
+        """Load the test split for stage "test" (if the source has one), else the training
+        and validation splits."""
+        if stage == "test":
+            if "test" in self.available_splits():
+                self._setup_test()
+            return
         if self.train_set is not None:
             return
         dataset = self._load_dataset()
@@ -183,20 +197,57 @@ class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.available_splits():
+            raise ValueError(
+                f"data.source={self.source!r} has no test split; only the sources "
+                f"{tuple(TORCHVISION_SOURCES)} have one. Evaluate on the validation split "
+                f"instead."
+            )
+        if self.test_set is None:
+            raise RuntimeError("ImageDataModule.setup('test') must run before test_dataloader()")
+        # Split over DDP processes without repeats, as the validation split.
+        return DataLoader(
+            self.test_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            sampler=validation_sampler(self.test_set, self.trainer),
+            num_workers=self.num_workers,
+            worker_init_fn=init_dataloader_worker,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
     # ------------------------------------------------------------------ loading
+
+    def _setup_test(self) -> None:
+        if self.test_set is not None:
+            return
+        self.test_set = self._torchvision_dataset(train=False)
+        log.info(
+            "Image data %r: %d test images, %d x %d pixels, %d channel(s)",
+            self.source,
+            len(self.test_set),
+            self.image_size,
+            self.image_size,
+            self.channels,
+        )
 
     def _load_dataset(self) -> Dataset:
         if self.source == "digits":
             return self._digits()
         if self.source == "folder":
             return image_folder_dataset(self.path, self._pil_transform())
+        return self._torchvision_dataset(train=True)
 
+    def _torchvision_dataset(self, train: bool) -> Dataset:
+        """Load the training (train=True) or test split of a torchvision source."""
         # Without prepare_data (setup called directly) the files are still checked, and
         # extracted from .gz files when needed, but never downloaded here.
         prepare_torchvision_files(self.source, self.root, download=False)
         dataset_class = TORCHVISION_SOURCES[self.source]
         try:
-            return dataset_class(str(self.root), train=True, transform=self._pil_transform())
+            return dataset_class(str(self.root), train=train, transform=self._pil_transform())
         except RuntimeError as error:
             folder, names = expected_files(self.source, self.root)
             raise RuntimeError(

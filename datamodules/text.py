@@ -11,6 +11,8 @@ shape (B, T), where y[:, t] is the token that follows x[:, t].
   block_size targets. The last chunk can be shorter. The collate function pads it and
   marks the padded targets -100, the index that the loss and perplexity ignore. Each
   validation token except the first is therefore a target exactly once.
+
+There is no test split: models are evaluated on the validation split.
 """
 
 from __future__ import annotations
@@ -303,6 +305,10 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
         assert self.path is not None  # checked in the constructor
         return read_text_file(self.path, "data.path")
 
+    def available_splits(self) -> tuple[str, ...]:
+        """Return the splits a model can be evaluated on: the validation split only."""
+        return ("val",)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_tokens is not None:
             return
@@ -370,6 +376,12 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
             num_workers=self.num_workers,
             worker_init_fn=init_dataloader_worker,
             persistent_workers=self.num_workers > 0,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        raise ValueError(
+            f"text data (data.source={self.source!r}) has no test split; evaluate on the "
+            "validation split, the last data.val_fraction of the tokens."
         )
 
     def _validation_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:

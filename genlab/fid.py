@@ -1,4 +1,4 @@
-"""Fréchet distance between real and generated images: feature extractors and metric set-up.
+"""Distances between real and generated images (FID, KID): feature extractors and metrics.
 
 Two feature extractors are offered:
 
@@ -12,11 +12,17 @@ Two feature extractors are offered:
 
 The metric key contains the extractor and the number of generated samples
 (``val/fid_randconv_1000``), so numbers that cannot be compared never share a key.
+
+`ImageDistanceMetrics` runs the extractor once per image and gives the features to
+torchmetrics' FrechetInceptionDistance and, when asked, KernelInceptionDistance (KID,
+Binkowski et al., 2018: the unbiased estimate of the squared maximum mean discrepancy with
+the kernel (x.y / d + 1) ** 3, averaged over random subsets).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from genlab.downloads import socket_timeout
 
@@ -38,10 +45,24 @@ INCEPTION_FEATURES = 2048
 # fails quickly instead of hanging.
 DOWNLOAD_TIMEOUT_S = 30
 
+# KID subsets hold at most this many samples by default, the subset size of torch-fidelity
+# and of the KID paper.
+KID_MAX_SUBSET_SIZE = 1000
+# Seed of the random subsets of KID, so that the same features always give the same value.
+KID_SEED = 0
 
-def fid_metric_key(extractor: str, num_samples: int) -> str:
+
+def fid_metric_key(extractor: str, num_samples: int, split: str = "val") -> str:
     """Return the metric key for FID with these settings, e.g. ``val/fid_randconv_1000``."""
-    return f"val/fid_{extractor}_{num_samples}"
+    return f"{split}/fid_{extractor}_{num_samples}"
+
+
+def kid_metric_key(extractor: str, num_samples: int, split: str = "val") -> str:
+    """Return the metric key for the mean KID, e.g. ``test/kid_randconv_1000``.
+
+    The standard deviation over the subsets is logged under the same key plus ``_std``.
+    """
+    return f"{split}/kid_{extractor}_{num_samples}"
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,59 @@ class FIDSettings:
             inception_weights_path=None if path is None else str(path),
         )
 
+    def with_overrides(
+        self,
+        extractor: str | None = None,
+        num_samples: int | None = None,
+        inception_weights_path: str | None = None,
+    ) -> FIDSettings:
+        """Return these settings with every argument that is not None replacing its field.
+
+        A new extractor drops the current weights path, which belongs to the old one.
+        """
+        path = self.inception_weights_path
+        if extractor is not None and extractor != self.extractor:
+            path = None
+        if inception_weights_path is not None:
+            path = inception_weights_path
+        return FIDSettings(
+            extractor=self.extractor if extractor is None else extractor,
+            num_samples=self.num_samples if num_samples is None else num_samples,
+            every_n_epochs=self.every_n_epochs,
+            inception_weights_path=path,
+        )
+
+
+@dataclass(frozen=True)
+class KIDSettings:
+    """Settings of the random subsets of real and generated features that KID averages over."""
+
+    # Subsets the mean and standard deviation are taken over.
+    subsets: int = 100
+    # Samples per subset; None: min(KID_MAX_SUBSET_SIZE, half the samples), at least 2.
+    subset_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.subsets, bool) or not isinstance(self.subsets, int) or self.subsets < 1:
+            raise ValueError(f"kid.subsets must be an integer >= 1, got {self.subsets!r}")
+        size = self.subset_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
+            raise ValueError(
+                f"kid.subset_size must be an integer >= 2 (the unbiased estimate needs two "
+                f"samples) or null, got {size!r}"
+            )
+
+    def resolved_subset_size(self, num_samples: int) -> int:
+        """Return the subset size for `num_samples` real and generated samples.
+
+        Subsets of half the samples differ from each other, so that the standard deviation
+        over them measures how much a KID estimate from that many samples varies. A subset
+        size equal to the number of samples would give the same subset every time.
+        """
+        if self.subset_size is not None:
+            return self.subset_size
+        return max(2, min(KID_MAX_SUBSET_SIZE, num_samples // 2))
+
 
 class RandomConvFeatures(nn.Module):
     """Features of a fixed random convolutional network, an offline stand-in for Inception.
@@ -182,17 +256,138 @@ def images_for_fid(images: torch.Tensor) -> torch.Tensor:
 
 
 def build_fid_metric(settings: FIDSettings) -> FrechetInceptionDistance:
-    """Create the torchmetrics FID metric for these settings.
+    """Create the torchmetrics FID metric for these settings, with its feature extractor.
 
     The metric takes uint8 RGB images (see `images_for_fid`) and keeps its real-image
     statistics across `reset()` calls (reset_real_features=False), so they are computed
     once per run.
     """
+    return FrechetInceptionDistance(
+        feature=build_feature_extractor(settings), reset_real_features=False, normalize=False
+    )
+
+
+def build_feature_extractor(settings: FIDSettings) -> nn.Module:
+    """Create the feature network of `settings.extractor`: uint8 RGB images in, (B, d) out.
+
+    The module has a `num_features` attribute (d), which torchmetrics reads instead of
+    running a test image through the network.
+    """
     if settings.extractor == "randconv":
-        return FrechetInceptionDistance(
-            feature=RandomConvFeatures(), reset_real_features=False, normalize=False
+        return RandomConvFeatures()
+    extractor = _build_inception(settings.inception_weights_path)
+    extractor.num_features = INCEPTION_FEATURES
+    return extractor
+
+
+class PrecomputedFeatures(nn.Module):
+    """Identity "feature extractor" for a torchmetrics metric that receives features.
+
+    `ImageDistanceMetrics` extracts the features once and hands them to FID and KID, whose
+    constructors require a feature module.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class ImageDistanceMetrics:
+    """FID and, optionally, KID between real and generated images, with one feature network.
+
+    `update` runs the extractor once per image and feeds both metrics. The real-image
+    statistics survive `reset_generated()`, so a run computes them once. Under DDP each
+    process feeds its share, and `compute()` combines all of them on every process.
+
+    This is deliberately not an nn.Module, so that a LightningModule can hold it without
+    putting the extractor's weights into its state_dict; `to` moves it.
+    """
+
+    def __init__(self, settings: FIDSettings, kid: KIDSettings | None = None) -> None:
+        self.settings = settings
+        self.kid_settings = kid
+        self.extractor = build_feature_extractor(settings)
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the real and the generated statistics; the extractor is kept."""
+        num_features = self.extractor.num_features
+        self.fid = FrechetInceptionDistance(
+            feature=PrecomputedFeatures(num_features), reset_real_features=False
         )
-    return _build_inception_fid(settings.inception_weights_path)
+        self.kid: KernelInceptionDistance | None = None
+        if self.kid_settings is not None:
+            with warnings.catch_warnings():
+                # A few thousand features at most: the warning about memory does not apply.
+                warnings.filterwarnings("ignore", message=".*will save all extracted features")
+                self.kid = KernelInceptionDistance(
+                    feature=PrecomputedFeatures(num_features),
+                    subsets=self.kid_settings.subsets,
+                    subset_size=self.kid_settings.resolved_subset_size(self.settings.num_samples),
+                    reset_real_features=False,
+                )
+        # Real images given to `update` on this process, for callers that cap them.
+        self.real_images_seen = 0
+
+    def to(self, device: torch.device | str) -> ImageDistanceMetrics:
+        self.extractor.to(device)
+        self.fid.to(device)
+        if self.kid is not None:
+            self.kid.to(device)
+        return self
+
+    def update(self, images: torch.Tensor, real: bool) -> None:
+        """Add uint8 RGB images (B, 3, H, W) (see `images_for_fid`) to the real or generated set."""
+        features = self.extractor(images)
+        self.fid.update(features, real=real)
+        if self.kid is not None:
+            self.kid.update(features, real=real)
+        if real:
+            self.real_images_seen += images.shape[0]
+
+    def compute(self, split: str = "val") -> dict[str, torch.Tensor]:
+        """Return {metric key: value}: FID, and the KID mean and standard deviation when KID is on.
+
+        KID draws its subsets from a generator seeded with KID_SEED, inside a fork of the
+        global random state, which is left as it was.
+        """
+        extractor, num_samples = self.settings.extractor, self.settings.num_samples
+        values = {fid_metric_key(extractor, num_samples, split): self.fid.compute()}
+        if self.kid is None:
+            return values
+
+        # Generated images come in batches dealt to the processes in turn, so a process may
+        # have none. An empty feature tensor lets it take part in the gathering.
+        device = self.fid.real_features_sum.device
+        for features in (self.kid.real_features, self.kid.fake_features):
+            if not features:
+                features.append(torch.zeros(0, self.extractor.num_features, device=device))
+
+        # Fewer real images than num_samples (a small split) shrink the largest subset
+        # possible. The counts are those of all processes, so every process uses one size.
+        with self.fid.sync_context():
+            available = min(
+                int(self.fid.real_features_num_samples), int(self.fid.fake_features_num_samples)
+            )
+        self.kid.subset_size = min(self.kid.subset_size, available)
+        # NOTE: under DDP the gathered features are ordered by process, so the random
+        # subsets, and the KID values, differ slightly from one process on the same images.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(KID_SEED)
+            mean, std = self.kid.compute()
+        key = kid_metric_key(extractor, num_samples, split)
+        values[key] = mean
+        values[f"{key}_std"] = std
+        return values
+
+    def reset_generated(self) -> None:
+        """Drop the generated-image statistics and keep the real ones."""
+        self.fid.reset()
+        if self.kid is not None:
+            self.kid.reset()
 
 
 def inception_cache_path() -> Path:
@@ -200,7 +395,7 @@ def inception_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
-def _build_inception_fid(weights_path: str | None) -> FrechetInceptionDistance:
+def _build_inception(weights_path: str | None) -> NoTrainInceptionV3:
     if weights_path is not None:
         if not Path(weights_path).is_file():
             raise FileNotFoundError(
@@ -208,15 +403,15 @@ def _build_inception_fid(weights_path: str | None) -> FrechetInceptionDistance:
                 f"{weights_path!r}. Put {INCEPTION_WEIGHTS_FILE} there, or set the key to null "
                 f"to use the torch hub cache ({inception_cache_path().parent})."
             )
-        return _inception_metric(weights_path)
+        return _inception_network(weights_path)
 
     if inception_cache_path().is_file():
-        return _inception_metric(None)
+        return _inception_network(None)
 
     # Not cached: torch-fidelity downloads the file into the cache.
     try:
         with socket_timeout(DOWNLOAD_TIMEOUT_S):
-            return _inception_metric(None)
+            return _inception_network(None)
     except OSError as error:  # URLError, HTTPError and socket timeouts are OSErrors.
         raise FileNotFoundError(
             f"Inception weights for FID are missing and could not be downloaded: "
@@ -227,15 +422,13 @@ def _build_inception_fid(weights_path: str | None) -> FrechetInceptionDistance:
         ) from error
 
 
-def _inception_metric(weights_path: str | None) -> FrechetInceptionDistance:
+def _inception_network(weights_path: str | None) -> NoTrainInceptionV3:
     # antialias=False selects torch-fidelity's TensorFlow-compatible bilinear resize to
     # 299 x 299, the resize of the original FID code and of published numbers; torchmetrics'
     # default (antialias=True) resizes differently and shifts the values.
-    return FrechetInceptionDistance(
-        feature=INCEPTION_FEATURES,
-        reset_real_features=False,
-        normalize=False,
+    return NoTrainInceptionV3(
+        name="inception-v3-compat",
+        features_list=[str(INCEPTION_FEATURES)],
         feature_extractor_weights_path=weights_path,
         antialias=False,
     )
-

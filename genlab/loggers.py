@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import hydra
 import lightning.pytorch.loggers
 import wandb
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from omegaconf import DictConfig
 
 from genlab.ddp import is_global_zero
 from genlab.run_dir import flatten_config
+from genlab.sweep import wandb_run_identity
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,33 @@ def wandb_logger(
         # push it out of view.
         settings=wandb.Settings(quiet=True),
     )
+
+
+def build_loggers(logger_cfg: DictConfig | None, task_name: str) -> list[Logger]:
+    """Instantiate the loggers; an unset W&B group and name describe the sweep and the job."""
+    if not logger_cfg:
+        return []
+    loggers = []
+    for name, node in logger_cfg.items():
+        if node is None or "_target_" not in node:
+            continue
+        log.info("  %s <%s>", name, node._target_)
+        if node._target_ == "genlab.loggers.wandb_logger":
+            group, run_name = wandb_run_identity(task_name)
+            node.group = node.get("group") or group
+            node.name = node.get("name") or run_name
+        loggers.append(hydra.utils.instantiate(node))
+    return loggers
+
+
+def finish_wandb_run(exit_code: int) -> None:
+    """Close the W&B run of this process, if one is open, marking it with `exit_code`."""
+    if wandb.run is None:
+        return
+    try:
+        wandb.finish(exit_code=exit_code)
+    except Exception as error:  # the W&B service may be gone, e.g. after a signal
+        log.warning("Could not close the W&B run: %s", error)
 
 
 def log_config(loggers: list[Logger], config: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genlab.fid import FIDSettings, KIDSettings
 from genlab.samples import log_image_grid
 from lightning_modules.image_module import (
     ImageGenerativeModule,
@@ -90,6 +91,24 @@ class GAN(ImageGenerativeModule):
     def generate_images(self, num_images: int, generator: torch.Generator) -> torch.Tensor:
         z = torch.randn(num_images, self.hparams.latent_dim, generator=generator)
         return self(z.to(self.device))
+
+    def configure_test(
+        self,
+        split: str = "test",
+        fid: FIDSettings | None = None,
+        kid: KIDSettings | None = None,
+    ) -> None:
+        """Choose the split name and the FID and KID settings of `Trainer.test`.
+
+        The test metrics of the GAN are FID and KID alone (the discriminator's losses depend
+        on random latents and measure no quality), so `fid` is required.
+        """
+        if fid is None:
+            raise ValueError(
+                "the GAN's test metrics are FID and KID, so FID settings are required; "
+                "without them there is nothing to evaluate (in eval.py: remove fid=null)"
+            )
+        super().configure_test(split, fid, kid)
 
     def configure_optimizers(self):
         # Order matters: training_step unpacks (discriminator, generator).

@@ -47,6 +47,10 @@ class GPT(RecordsModelClass, L.LightningModule):
     other arguments come from conf/model/gpt.yaml, which documents each of them. The
     tokenizer description is saved with the hyperparameters, so a model loaded with
     `GPT.load_from_checkpoint` can decode what it generates.
+
+    Validation logs val/loss (mean cross-entropy per target token, in nats), val/bpt (the
+    same in bits) and val/ppl. `Trainer.test` logs the same metrics under the split name
+    given to `configure_test` ("test" by default).
     """
 
     modality = "text"
@@ -130,9 +134,12 @@ class GPT(RecordsModelClass, L.LightningModule):
         )
 
         # val/loss is the mean cross-entropy per target token over the whole validation
-        # split: each batch's mean enters weighted by its number of targets.
+        # split: each batch's mean enters weighted by its number of targets. Test reuses
+        # these metrics, which never run at the same time as validation.
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        # Name of the split `Trainer.test` reads, the first part of the test metric keys.
+        self.test_split = "test"
 
     def _check_optimizer_arguments(self) -> None:
         hp = self.hparams
@@ -189,6 +196,24 @@ class GPT(RecordsModelClass, L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._update_loss_metrics(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_loss_metrics("val")
+        if not self.trainer.sanity_checking:
+            self._save_text_sample()
+
+    def configure_test(self, split: str = "test") -> None:
+        """Choose the split name that `Trainer.test` logs its metrics under, e.g. "val"."""
+        self.test_split = split
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._update_loss_metrics(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_loss_metrics(self.test_split)
+
+    def _update_loss_metrics(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         x, y = batch
         logits, _ = self.net(x)
         logits = logits.float()  # (B, T, vocab_size)
@@ -200,18 +225,16 @@ class GPT(RecordsModelClass, L.LightningModule):
         self.val_loss.update(loss_sum / num_targets, weight=num_targets)
         self.val_ppl.update(logits, y)
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_loss_metrics(self, split: str) -> None:
+        """Log loss, bits per token and perplexity under `split`/, then reset the metrics."""
         # compute() already sums over all processes, so every rank logs the same values,
         # and sync_dist only averages identical numbers.
         loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/bpt", loss / math.log(2), sync_dist=True)
-        self.log("val/ppl", self.val_ppl.compute(), sync_dist=True)
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/bpt", loss / math.log(2), sync_dist=True)
+        self.log(f"{split}/ppl", self.val_ppl.compute(), sync_dist=True)
         self.val_loss.reset()
         self.val_ppl.reset()
-
-        if not self.trainer.sanity_checking:
-            self._save_text_sample()
 
     @rank_zero_only
     def _save_text_sample(self) -> None:

@@ -1,10 +1,10 @@
-"""Base class of the image models: FID evaluation during validation.
+"""Base class of the image models: FID during validation, FID and KID in `Trainer.test`.
 
-Subclasses implement `generate_images` and call this class's validation hooks through
-`super()` when they override them. FID is computed on every rank inside the validation
-hooks: each rank feeds its share of real and generated images into the torchmetrics
-metric, and `compute()` sums the feature statistics over ranks. The shares are chosen so
-that, whatever the number of ranks, the images are those of one process:
+Subclasses implement `generate_images` and call this class's validation and test hooks
+through `super()` when they override them. FID is computed on every rank inside the
+validation hooks: each rank feeds its share of real and generated images into the
+torchmetrics metric, and `compute()` sums the feature statistics over ranks. The shares are
+chosen so that, whatever the number of ranks, the images are those of one process:
 
 - real images: the datamodule splits the validation set over the ranks without repeating
   any (rank r reads items r, r + W, r + 2W, ... of W ranks, see genlab.ddp), and each
@@ -12,6 +12,10 @@ that, whatever the number of ranks, the images are those of one process:
   `fid.num_samples` images of the validation set.
 - generated images: batch i of FID_BATCH_SIZE images draws its latents from a generator
   seeded FID_SEED + i, and rank r generates the batches i = r, r + W, r + 2W, ... .
+
+The test hooks (used by eval.py) follow the same code path with the split and settings
+given to `configure_test`, so a checkpoint tested on the validation split with its own FID
+settings gives the FID its run logged.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from genlab.checkpoints import RecordsModelClass
-from genlab.fid import FIDSettings, build_fid_metric, images_for_fid
+from genlab.fid import FIDSettings, ImageDistanceMetrics, KIDSettings, images_for_fid
 
 # Images generated per forward pass while collecting FID samples. Changing it changes
 # which latents FID uses, because each batch has a generator of its own.
@@ -57,6 +61,10 @@ class ImageGenerativeModule(RecordsModelClass, L.LightningModule):
     The FID metric, with its feature network, is deliberately not a registered submodule:
     its weights stay out of `state_dict()` and checkpoints. This class moves it to the
     module's device itself.
+
+    `Trainer.test` logs `<split>/fid_...` and, with KID settings, `<split>/kid_...` and
+    `<split>/kid_..._std`, for the split and settings given to `configure_test` (by
+    default: "test" and the model's own FID settings, without KID).
     """
 
     modality = "image"
@@ -67,10 +75,14 @@ class ImageGenerativeModule(RecordsModelClass, L.LightningModule):
         super().__init__()
         self.fid_settings = FIDSettings.from_config(fid)
         self._is_fid_epoch = False
-        self._real_images_seen = 0
         self._real_statistics_done = False
-        # object.__setattr__ skips nn.Module.__setattr__, which would register the metric.
-        object.__setattr__(self, "_fid_metric", None)
+        # Name of the split `Trainer.test` reads, the first part of the test metric keys.
+        self.test_split = "test"
+        self._test_fid_settings = self.fid_settings
+        self._test_kid_settings: KIDSettings | None = None
+        # object.__setattr__ skips nn.Module.__setattr__, which would register the metrics.
+        object.__setattr__(self, "_fid_metrics", None)
+        object.__setattr__(self, "_test_metrics", None)
 
     @classmethod
     def config_problems(cls, node: Mapping[str, Any]) -> list[str]:
@@ -112,8 +124,34 @@ class ImageGenerativeModule(RecordsModelClass, L.LightningModule):
 
     @property
     def fid_metric(self):
-        """The FID metric object (None until `setup` builds it, or when FID is disabled)."""
-        return self._fid_metric
+        """The validation FID metric (None until `setup` builds it, or when FID is disabled).
+
+        It receives features, not images: `ImageDistanceMetrics` runs the extractor.
+        """
+        return None if self._fid_metrics is None else self._fid_metrics.fid
+
+    def configure_test(
+        self,
+        split: str = "test",
+        fid: FIDSettings | None = None,
+        kid: KIDSettings | None = None,
+    ) -> None:
+        """Choose what `Trainer.test` computes: the split name of the metric keys, and FID
+        and KID settings (None: no FID, or no KID).
+
+        The metrics are built here, so a missing Inception weights file fails before any
+        data is read. `every_n_epochs` of `fid` is not read: the test computes FID once.
+        """
+        if kid is not None and fid is None:
+            raise ValueError(
+                "kid settings were given without fid settings, but KID uses the feature "
+                "extractor and the number of samples of FID. Give fid settings too."
+            )
+        self.test_split = split
+        self._test_fid_settings = fid
+        self._test_kid_settings = kid
+        metrics = None if fid is None else ImageDistanceMetrics(fid, kid)
+        object.__setattr__(self, "_test_metrics", metrics)
 
     # ------------------------------------------------------------------ hooks
 
@@ -122,66 +160,89 @@ class ImageGenerativeModule(RecordsModelClass, L.LightningModule):
         # weights fail at once instead of after the first training epoch.
         if (
             self.fid_settings is not None
-            and self._fid_metric is None
+            and self._fid_metrics is None
             and stage in ("fit", "validate")
         ):
-            object.__setattr__(self, "_fid_metric", build_fid_metric(self.fid_settings))
+            object.__setattr__(self, "_fid_metrics", ImageDistanceMetrics(self.fid_settings))
+        if stage == "test" and self._test_metrics is None and self._test_fid_settings is not None:
+            self.configure_test(self.test_split, self._test_fid_settings, self._test_kid_settings)
 
     def on_validation_epoch_start(self) -> None:
         self._is_fid_epoch = (
-            self._fid_metric is not None
+            self._fid_metrics is not None
             and not self.trainer.sanity_checking
             and (self.current_epoch + 1) % self.fid_settings.every_n_epochs == 0
         )
         if self._is_fid_epoch:
-            self._fid_metric.to(self.device)
+            self._fid_metrics.to(self.device)
 
     def on_validation_batch_end(
         self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not self._is_fid_epoch or self._real_statistics_done:
-            return
-        images = batch[0]
-        limit = shard_size(self.fid_settings.num_samples, self.global_rank, self.trainer.world_size)
-        remaining = limit - self._real_images_seen
-        if remaining > 0:
-            images = images[:remaining]
-            self._fid_metric.update(images_for_fid(images), real=True)
-            self._real_images_seen += images.shape[0]
+        if self._is_fid_epoch and not self._real_statistics_done:
+            self._add_real_images(self._fid_metrics, batch[0])
 
     def on_validation_epoch_end(self) -> None:
-        if self._is_fid_epoch:
-            self._log_fid()
-
-    # ------------------------------------------------------------------ FID
-
-    def _log_fid(self) -> None:
-        metric = self._fid_metric
-        settings = self.fid_settings
-
+        if not self._is_fid_epoch:
+            return
         if not self._real_statistics_done:
             self._real_statistics_done = True
-            limit = shard_size(settings.num_samples, self.global_rank, self.trainer.world_size)
-            if self._real_images_seen < limit:
-                rank_zero_warn(
-                    f"FID real statistics use {self._real_images_seen} validation images on "
-                    f"this process, fewer than the {limit} that model.fid.num_samples="
-                    f"{settings.num_samples} asks for; enlarge the validation split or lower "
-                    f"model.fid.num_samples."
-                )
+            self._warn_if_few_real_images(self._fid_metrics, "validation", "model.fid.num_samples")
+        self._log_image_distances(self._fid_metrics, "val")
 
+    def on_test_epoch_start(self) -> None:
+        if self._test_metrics is not None:
+            # A second Trainer.test call starts from empty statistics.
+            self._test_metrics.reset()
+            self._test_metrics.to(self.device)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Collect the real images of FID and KID; subclasses add their own test metrics."""
+        if self._test_metrics is not None:
+            self._add_real_images(self._test_metrics, batch[0])
+
+    def on_test_epoch_end(self) -> None:
+        if self._test_metrics is not None:
+            self._warn_if_few_real_images(self._test_metrics, self.test_split, "fid.num_samples")
+            self._log_image_distances(self._test_metrics, self.test_split)
+
+    # ------------------------------------------------------------------ FID and KID
+
+    def _add_real_images(self, metrics: ImageDistanceMetrics, images: torch.Tensor) -> None:
+        """Feed this rank's share of the first `num_samples` real images of the split."""
+        limit = shard_size(metrics.settings.num_samples, self.global_rank, self.trainer.world_size)
+        remaining = limit - metrics.real_images_seen
+        if remaining > 0:
+            metrics.update(images_for_fid(images[:remaining]), real=True)
+
+    def _warn_if_few_real_images(
+        self, metrics: ImageDistanceMetrics, split: str, setting: str
+    ) -> None:
+        num_samples = metrics.settings.num_samples
+        limit = shard_size(num_samples, self.global_rank, self.trainer.world_size)
+        if metrics.real_images_seen < limit:
+            rank_zero_warn(
+                f"FID real statistics use {metrics.real_images_seen} {split} images on this "
+                f"process, fewer than the {limit} that {setting}={num_samples} asks for; "
+                f"enlarge the {split} split or lower {setting}."
+            )
+
+    def _log_image_distances(self, metrics: ImageDistanceMetrics, split: str) -> None:
+        """Generate the images, then log FID (and KID) under `split`/."""
+        num_samples = metrics.settings.num_samples
         # Batches are dealt to the ranks in turn, so a rank may get none.
-        num_batches = math.ceil(settings.num_samples / FID_BATCH_SIZE)
+        num_batches = math.ceil(num_samples / FID_BATCH_SIZE)
         for batch_index in range(self.global_rank, num_batches, self.trainer.world_size):
-            count = min(FID_BATCH_SIZE, settings.num_samples - batch_index * FID_BATCH_SIZE)
+            count = min(FID_BATCH_SIZE, num_samples - batch_index * FID_BATCH_SIZE)
             generator = torch.Generator().manual_seed(FID_SEED + batch_index)
-            metric.update(images_for_fid(self.generate_images(count, generator)), real=False)
+            metrics.update(images_for_fid(self.generate_images(count, generator)), real=False)
 
-        # compute() sums the feature statistics over all ranks; every rank gets the value.
-        fid = metric.compute()
-        metric.reset()  # Drops the generated-image statistics and keeps the real ones.
-        self.log(settings.key, fid, sync_dist=True)
-        rank_zero_info(f"{settings.key} = {fid.item():.4f}")
+        # compute() combines the statistics of all ranks; every rank gets the values.
+        values = metrics.compute(split)
+        metrics.reset_generated()
+        for key, value in values.items():
+            self.log(key, value, sync_dist=True)
+            rank_zero_info(f"{key} = {value.item():.6g}")
 
 
 # ---------------------------------------------------------------------- argument checks

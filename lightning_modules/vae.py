@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
+from genlab.fid import FIDSettings, KIDSettings
 from genlab.samples import log_image_grid
 from lightning_modules.image_module import (
     ImageGenerativeModule,
@@ -24,6 +25,15 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 
 # Validation images shown in the reconstruction grid, each next to its reconstruction.
 NUM_RECONSTRUCTIONS = 32
+
+# Seed of the posterior noise of validation and test batch 0. Batch i of process r in a
+# world of W processes uses POSTERIOR_NOISE_SEED + i * W + r, so the metrics of a
+# checkpoint do not depend on the global random state, and no two batches share noise.
+POSTERIOR_NOISE_SEED = 4321
+
+# Images decoded per forward pass of the importance-weighted bound: a batch of B images
+# takes max(1, IWAE_IMAGES_PER_PASS // B) posterior samples per pass, which bounds memory.
+IWAE_IMAGES_PER_PASS = 4096
 
 
 class VAE(ImageGenerativeModule):
@@ -44,6 +54,12 @@ class VAE(ImageGenerativeModule):
     KL(q(z | x) || p(z)), and ``bpd = nelbo / (C * H * W * ln 2)``. The training objective
     ``train/loss = recon + kl_weight * kl`` uses kl_weight = beta * min(1, step /
     kl_warmup_steps), a linear warm-up over the first kl_warmup_steps optimizer steps.
+
+    In validation and test, the posterior sample of each batch comes from a generator seeded
+    by the batch index (POSTERIOR_NOISE_SEED), so a checkpoint gets the same metrics every
+    time it is validated or tested on the same batches. Training draws from the global
+    random state. With `iwae_samples` = k (see `configure_test`), the test also logs
+    ``nll_iwae_<k>`` and ``bpd_iwae_<k>``, the importance-weighted estimate of -log p(x).
     """
 
     validation_metrics = ("val/nelbo", "val/bpd", "val/recon", "val/kl")
@@ -90,6 +106,8 @@ class VAE(ImageGenerativeModule):
             num_grid_samples, latent_dim, generator=torch.Generator().manual_seed(sample_seed)
         )
         self.register_buffer("fixed_latents", latents, persistent=True)
+        # Posterior samples per image of the importance-weighted bound in Trainer.test.
+        self.iwae_samples: int | None = None
 
     @classmethod
     def config_problems(cls, node: Mapping[str, Any]) -> list[str]:
@@ -126,7 +144,10 @@ class VAE(ImageGenerativeModule):
         return self.decode_mean(z.to(self.device))
 
     def negative_log_likelihood(self, x: torch.Tensor, decoder_out: torch.Tensor) -> torch.Tensor:
-        """Return -log p(x | z) in nats per image, (B,), given the decoder output for z."""
+        """Return -log p(x | z) in nats per image given the decoder output for z.
+
+        x and decoder_out are (..., C, H, W) of the same shape; the result is (...,).
+        """
         if self.hparams.likelihood == "bernoulli":
             nll = F.binary_cross_entropy_with_logits(decoder_out, x, reduction="none")
         else:
@@ -134,14 +155,76 @@ class VAE(ImageGenerativeModule):
             # validate_args=False lets a diverged (NaN) decoder output reach the loss, where
             # the run's NaN check reports it, instead of failing here on the argument check.
             nll = -Normal(decoder_out, scale, validate_args=False).log_prob(x)
-        return nll.flatten(1).sum(dim=1)
+        return nll.flatten(-3).sum(dim=-1)
 
-    def elbo_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (recon, kl) in nats, each (B,): -log p(x | z) for one z ~ q(z | x), and the KL."""
+    def elbo_terms(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (recon, kl) in nats, each (B,): -log p(x | z) for one z ~ q(z | x), and the KL.
+
+        The noise of z comes from `generator` (a CPU generator) when given, else from the
+        global random state.
+        """
         mu, logvar = self.encoder(x)
-        z = reparameterize(mu, logvar)
+        if generator is None:
+            z = reparameterize(mu, logvar)
+        else:
+            z = mu + torch.exp(0.5 * logvar) * self._standard_normal(mu, generator)
         recon = self.negative_log_likelihood(x, self.decoder(z))
         return recon, gaussian_kl(mu, logvar)
+
+    def importance_weighted_nll(
+        self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Estimate -log p(x) in nats per image, (B,), with k = num_samples importance samples.
+
+        The estimate is -log (1/k sum_j p(x | z_j) p(z_j) / q(z_j | x)) with z_j ~ q(z | x),
+        the bound of Burda et al. (2016, "Importance Weighted Autoencoders"): in expectation
+        an upper bound on -log p(x) that decreases towards it as k grows. With k = 1 it is
+        the single-sample negative ELBO with a Monte Carlo KL term. The average is a logsumexp
+        over the log weights, so it stays finite when every weight underflows float32 (log
+        weights below about -104). Samples are
+        decoded in chunks of IWAE_IMAGES_PER_PASS images. Sample j draws its noise from
+        `generator` (a CPU generator) after sample j - 1, so the chunking does not change it.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        # The log weights are sums over thousands of pixels, so they are computed in float32
+        # also under mixed precision.
+        mu, logvar = (parameter.float() for parameter in self.encoder(x))
+        std = torch.exp(0.5 * logvar)
+        posterior = Normal(mu, std, validate_args=False)
+        prior = Normal(torch.zeros_like(mu), torch.ones_like(mu))
+        chunk_size = max(1, IWAE_IMAGES_PER_PASS // x.shape[0])
+
+        log_weights = []
+        for start in range(0, num_samples, chunk_size):
+            count = min(chunk_size, num_samples - start)
+            noise = torch.stack([self._standard_normal(mu, generator) for _ in range(count)])
+            z = mu + std * noise  # (count, B, latent_dim)
+            decoder_out = self.decoder(z.flatten(0, 1)).float().unflatten(0, (count, x.shape[0]))
+            log_likelihood = -self.negative_log_likelihood(x.expand_as(decoder_out), decoder_out)
+            log_prior = prior.log_prob(z).sum(dim=-1)
+            log_posterior = posterior.log_prob(z).sum(dim=-1)
+            log_weights.append(log_likelihood + log_prior - log_posterior)  # (count, B)
+
+        log_weights = torch.cat(log_weights)  # (k, B)
+        return math.log(num_samples) - torch.logsumexp(log_weights, dim=0)
+
+    @staticmethod
+    def _standard_normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Draw N(0, I) noise shaped like `like`, on the CPU, then move it to its device.
+
+        A CPU generator gives the same noise on every device type.
+        """
+        if generator is None:
+            return torch.randn_like(like)
+        noise = torch.randn(like.shape, generator=generator)
+        return noise.to(device=like.device, dtype=like.dtype)
+
+    def _posterior_noise_generator(self, batch_idx: int) -> torch.Generator:
+        seed = POSTERIOR_NOISE_SEED + batch_idx * self.trainer.world_size + self.global_rank
+        return torch.Generator().manual_seed(seed)
 
     def kl_weight(self, step: int) -> float:
         """Return the weight of the KL term in the training objective at optimizer step `step`."""
@@ -180,23 +263,64 @@ class VAE(ImageGenerativeModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x = batch[0]
-        recon, kl = self.elbo_terms(x)
-        nelbo = (recon + kl).mean()
-        self.log_dict(
-            {
-                "val/nelbo": nelbo,
-                "val/bpd": self.bits_per_dim(nelbo),
-                "val/recon": recon.mean(),
-                "val/kl": kl.mean(),
-            },
-            batch_size=x.shape[0],
-            sync_dist=True,
-        )
+        self._log_elbo_metrics("val", x, self._posterior_noise_generator(batch_idx))
         # The validation loader is not shuffled, so batch 0 contains the same images every epoch.
         if batch_idx == 0 and not self.trainer.sanity_checking:
             originals = x[:NUM_RECONSTRUCTIONS]
             pairs = torch.stack([originals, self(originals)], dim=1).flatten(0, 1)
             log_image_grid(self, "samples/reconstructions", pairs)
+
+    def configure_test(
+        self,
+        split: str = "test",
+        fid: FIDSettings | None = None,
+        kid: KIDSettings | None = None,
+        iwae_samples: int | None = None,
+    ) -> None:
+        """Choose what `Trainer.test` computes (see ImageGenerativeModule.configure_test).
+
+        iwae_samples: k of the importance-weighted bound, an integer >= 1, or None to skip it.
+        """
+        if iwae_samples is not None and (
+            isinstance(iwae_samples, bool) or not isinstance(iwae_samples, int) or iwae_samples < 1
+        ):
+            raise ValueError(f"iwae_samples must be an integer >= 1 or None, got {iwae_samples!r}")
+        super().configure_test(split, fid, kid)
+        self.iwae_samples = iwae_samples
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        x = batch[0]
+        # The same noise as validation_step for the same batch, so that testing on the
+        # validation split reproduces the validation metrics.
+        generator = self._posterior_noise_generator(batch_idx)
+        self._log_elbo_metrics(self.test_split, x, generator)
+        if self.iwae_samples is not None:
+            nll = self.importance_weighted_nll(x, self.iwae_samples, generator).mean()
+            k = self.iwae_samples
+            self.log_dict(
+                {
+                    f"{self.test_split}/nll_iwae_{k}": nll,
+                    f"{self.test_split}/bpd_iwae_{k}": self.bits_per_dim(nll),
+                },
+                batch_size=x.shape[0],
+                sync_dist=True,
+            )
+
+    def _log_elbo_metrics(self, split: str, x: torch.Tensor, generator: torch.Generator) -> None:
+        """Log the batch means of nelbo, bpd, recon and kl under `split`/, weighted by size."""
+        recon, kl = self.elbo_terms(x, generator)
+        nelbo = (recon + kl).mean()
+        self.log_dict(
+            {
+                f"{split}/nelbo": nelbo,
+                f"{split}/bpd": self.bits_per_dim(nelbo),
+                f"{split}/recon": recon.mean(),
+                f"{split}/kl": kl.mean(),
+            },
+            batch_size=x.shape[0],
+            sync_dist=True,
+        )
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

@@ -15,16 +15,20 @@ import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from datamodules.images import ImageDataModule
 from genlab import fid as genlab_fid
 from genlab.fid import (
     INCEPTION_WEIGHTS_FILE,
     FIDSettings,
+    ImageDistanceMetrics,
+    KIDSettings,
     RandomConvFeatures,
     build_fid_metric,
     fid_metric_key,
     images_for_fid,
+    kid_metric_key,
 )
 from lightning_modules.vae import VAE
 
@@ -337,3 +341,153 @@ def test_fid_disabled_builds_no_metric(tmp_path: Path):
 
     assert model.fid_metric is None
     assert not any(key.startswith("val/fid") for key in trainer.callback_metrics)
+
+
+# FID and KID from one feature pass
+
+
+def polynomial_mmd(real: np.ndarray, fake: np.ndarray, biased: bool = False) -> float:
+    """Squared MMD with the kernel (x.y / d + 1) ** 3: the U-statistic of KID, or the biased
+    V-statistic that keeps the kernel's diagonal."""
+    d = real.shape[1]
+    k_rr = (real @ real.T / d + 1.0) ** 3
+    k_ff = (fake @ fake.T / d + 1.0) ** 3
+    k_rf = (real @ fake.T / d + 1.0) ** 3
+    m = len(real)
+    if biased:
+        return float(k_rr.mean() + k_ff.mean() - 2.0 * k_rf.mean())
+    off_diagonal = (k_rr.sum() - np.trace(k_rr) + k_ff.sum() - np.trace(k_ff)) / (m * (m - 1))
+    return float(off_diagonal - 2.0 * k_rf.mean())
+
+
+def distances(
+    real: torch.Tensor, fake: torch.Tensor, kid: KIDSettings | None, num_samples: int
+) -> dict[str, float]:
+    metrics = ImageDistanceMetrics(FIDSettings(num_samples=num_samples), kid)
+    metrics.update(images_for_fid(real), real=True)
+    metrics.update(images_for_fid(fake), real=False)
+    return {key: float(value) for key, value in metrics.compute("test").items()}
+
+
+def test_kid_metric_key_format():
+    assert kid_metric_key("randconv", 350, "val") == "val/kid_randconv_350"
+    assert fid_metric_key("inception", 10, "test") == "test/fid_inception_10"
+
+
+def test_shared_features_give_same_fid():
+    real = digit_images(200)
+    fake = (digit_images(200, offset=200) + 0.1 * torch.rand(200, 1, 8, 8)).clamp(0, 1)
+
+    shared = distances(real, fake, kid=None, num_samples=200)
+    direct = fid_between(build_fid_metric(FIDSettings()), real, fake)
+
+    assert list(shared) == ["test/fid_randconv_200"]
+    assert shared["test/fid_randconv_200"] == direct
+
+
+def test_kid_matches_numpy_on_all_samples():
+    real = digit_images(120)
+    fake = (digit_images(120, offset=120) + 0.3 * torch.rand(120, 1, 8, 8)).clamp(0, 1)
+    extractor = RandomConvFeatures()
+    real_features = extractor(images_for_fid(real)).double().numpy()
+    fake_features = extractor(images_for_fid(fake)).double().numpy()
+
+    # Subsets of all 120 samples are all the same set: the mean is the full U-statistic.
+    values = distances(real, fake, KIDSettings(subsets=4, subset_size=120), num_samples=120)
+
+    expected = polynomial_mmd(real_features, fake_features)
+    assert expected > 1e-3
+    assert values["test/kid_randconv_120"] == pytest.approx(expected, rel=1e-4)
+    assert values["test/kid_randconv_120_std"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kid_matches_torchmetrics_on_images():
+    real = digit_images(150)
+    fake = (digit_images(150, offset=150) + 0.2 * torch.rand(150, 1, 8, 8)).clamp(0, 1)
+    reference = KernelInceptionDistance(feature=RandomConvFeatures(), subsets=20, subset_size=50)
+    reference.update(images_for_fid(real), real=True)
+    reference.update(images_for_fid(fake), real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(genlab_fid.KID_SEED)
+        expected_mean, expected_std = reference.compute()
+
+    values = distances(real, fake, KIDSettings(subsets=20, subset_size=50), num_samples=150)
+
+    assert values["test/kid_randconv_150"] == pytest.approx(float(expected_mean), rel=1e-5)
+    assert values["test/kid_randconv_150_std"] == pytest.approx(float(expected_std), rel=1e-5)
+
+
+def test_kid_near_zero_for_same_distribution():
+    real = digit_images(300)
+    same = digit_images(300, offset=300)
+    noise = torch.rand(300, 1, 8, 8)
+    extractor = RandomConvFeatures()
+    settings = KIDSettings(subsets=50)
+
+    kid_same = distances(real, same, settings, num_samples=300)["test/kid_randconv_300"]
+    kid_noise = distances(real, noise, settings, num_samples=300)["test/kid_randconv_300"]
+    biased_same = polynomial_mmd(
+        extractor(images_for_fid(real)).double().numpy(),
+        extractor(images_for_fid(same)).double().numpy(),
+        biased=True,
+    )
+
+    assert abs(kid_same) < kid_noise / 100
+    # The biased estimate of the same pair is pushed up by the kernel's diagonal.
+    assert abs(kid_same) < biased_same / 10
+
+
+def test_kid_deterministic_keeps_global_rng():
+    real, fake = digit_images(100), torch.rand(100, 1, 8, 8)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+
+    first = distances(real, fake, KIDSettings(subsets=10), num_samples=100)
+    second = distances(real, fake, KIDSettings(subsets=10), num_samples=100)
+
+    assert first == second
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_kid_subset_size_default_and_cap():
+    real = digit_images(30)
+    fake = torch.rand(80, 1, 8, 8)
+    metrics = ImageDistanceMetrics(FIDSettings(num_samples=80), KIDSettings(subsets=3))
+    metrics.update(images_for_fid(real), real=True)
+    metrics.update(images_for_fid(fake), real=False)
+
+    values = metrics.compute("val")
+
+    assert KIDSettings().resolved_subset_size(350) == 175
+    assert KIDSettings().resolved_subset_size(5000) == 1000
+    assert KIDSettings().resolved_subset_size(2) == 2
+    assert KIDSettings(subset_size=7).resolved_subset_size(5000) == 7
+    # 40 by default, but only 30 real images were given.
+    assert metrics.kid.subset_size == 30
+    assert np.isfinite(float(values["val/kid_randconv_80"]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"subsets": 0}, "kid.subsets"), ({"subset_size": 1}, "kid.subset_size")],
+)
+def test_invalid_kid_settings_raise(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        KIDSettings(**kwargs)
+
+
+def test_fid_settings_overrides():
+    base = FIDSettings(extractor="inception", num_samples=500, inception_weights_path="w.pth")
+
+    assert base.with_overrides(num_samples=20) == FIDSettings("inception", 20, 1, "w.pth")
+    assert base.with_overrides(extractor="randconv") == FIDSettings("randconv", 500, 1, None)
+    assert base.with_overrides() == base
+
+
+def test_feature_extractor_not_in_state_dict(tmp_path: Path):
+    model, _ = fit_vae(tmp_path, {"extractor": "randconv", "num_samples": 50}, max_epochs=1)
+
+    extractor_tensors = {id(t) for t in model._fid_metrics.extractor.buffers()}
+
+    assert extractor_tensors
+    assert not extractor_tensors & {id(t) for t in model.state_dict(keep_vars=True).values()}

@@ -386,3 +386,54 @@ def test_config_problems_empty_for_valid_node():
         "source must be one of ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'folder'), "
         "got 'svhn'"
     ]
+
+
+# Test split
+
+
+def test_mnist_test_split_reads_t10k(tmp_path: Path):
+    write_mnist(tmp_path, num_train=20, num_test=8)
+    datamodule = ImageDataModule(
+        source="mnist", root=str(tmp_path), image_size=28, channels=1, batch_size=5
+    )
+    datamodule.prepare_data()
+
+    datamodule.setup("test")
+
+    raw = (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
+    # IDX3: a 16-byte header, then the uint8 pixels.
+    expected = torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(8, 28, 28) / 255.0
+    batches = list(datamodule.test_dataloader())
+    images = torch.cat([batch[0] for batch in batches])
+    assert datamodule.available_splits() == ("val", "test")
+    assert [batch[0].shape[0] for batch in batches] == [5, 3]
+    assert images.shape == (8, 1, 28, 28)
+    assert torch.allclose(images[:, 0], expected)
+    assert datamodule.train_set is None
+
+
+def test_cifar10_test_split_reads_test_batch(cifar_root: Path):
+    datamodule = setup_datamodule(source="cifar10", root=str(cifar_root), image_size=32, channels=3)
+
+    datamodule.setup("test")
+
+    raw = pickle.loads((cifar_root / "cifar-10-batches-py" / "test_batch").read_bytes())
+    image, label = datamodule.test_set[2]
+    expected = torch.from_numpy(raw["data"][2].reshape(3, 32, 32)).float() / 255.0
+    assert len(datamodule.test_set) == 6
+    assert torch.allclose(image, expected)
+    assert label == raw["labels"][2]
+
+
+@pytest.mark.parametrize("source", ["digits", "folder"])
+def test_sources_without_test_split(tmp_path: Path, source: str):
+    write_png_folder(tmp_path / "images", classes=None, per_class=4, size=(8, 8))
+    path = str(tmp_path / "images") if source == "folder" else None
+    datamodule = ImageDataModule(source=source, path=path, image_size=8, channels=1)
+
+    datamodule.setup("test")
+
+    assert datamodule.available_splits() == ("val",)
+    assert datamodule.test_set is None
+    with pytest.raises(ValueError, match=f"data.source='{source}' has no test split"):
+        datamodule.test_dataloader()

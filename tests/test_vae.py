@@ -11,6 +11,7 @@ import torch
 from image_files import write_mnist, write_png_folder
 
 from datamodules.images import ImageDataModule
+from lightning_modules import vae as vae_module
 from lightning_modules.nets.conv_vae import Decoder, Encoder, gaussian_kl, reparameterize
 from lightning_modules.vae import VAE
 
@@ -288,3 +289,127 @@ def test_config_problems_of_model_node():
     assert len(problems) == 2
     assert problems[0].startswith("fid has unknown key(s) ['samples']")
     assert problems[1].startswith("likelihood must be one of")
+
+
+# Posterior noise of validation and test; importance-weighted bound
+
+
+def digit_batch(size: int = 64) -> torch.Tensor:
+    datamodule = ImageDataModule(source="digits", image_size=8, channels=1, batch_size=size)
+    datamodule.setup("fit")
+    return next(iter(datamodule.val_dataloader()))[0]
+
+
+def test_elbo_terms_follow_generator():
+    model = VAE(image_size=8, channels=1, latent_dim=4, width=8).eval()
+    x = digit_batch(16)
+
+    with torch.no_grad():
+        first = model.elbo_terms(x, torch.Generator().manual_seed(3))
+        torch.manual_seed(0)
+        second = model.elbo_terms(x, torch.Generator().manual_seed(3))
+        other = model.elbo_terms(x, torch.Generator().manual_seed(4))
+
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_validation_metrics_ignore_global_rng(tmp_path: Path):
+    datamodule = image_datamodule("digits", tmp_path)
+    model = small_vae(datamodule, fid=None)
+    trainer = cpu_trainer(tmp_path, limit_val_batches=3)
+    trainer.fit(model, datamodule)
+
+    values = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        metrics = trainer.validate(model, datamodule, verbose=False)[0]
+        values.append(metrics["val/nelbo"])
+
+    assert values[0] == values[1]
+
+
+def test_iwae_one_sample_is_elbo():
+    model = VAE(image_size=8, channels=1, latent_dim=4, width=8, likelihood="gaussian").eval()
+    x = digit_batch(16)
+
+    with torch.no_grad():
+        nll = model.importance_weighted_nll(x, 1, torch.Generator().manual_seed(5))
+        recon, _ = model.elbo_terms(x, torch.Generator().manual_seed(5))
+        # The same noise again, to rebuild z and the Monte Carlo KL term log q(z|x) - log p(z).
+        mu, logvar = model.encoder(x)
+        noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(5))
+        z = mu + (0.5 * logvar).exp() * noise
+        log_q = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(-1)
+        log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+
+    assert torch.allclose(nll, recon + log_q - log_p, rtol=1e-5, atol=1e-4)
+
+
+def test_iwae_bound_below_nelbo_on_average():
+    torch.manual_seed(0)
+    model = VAE(image_size=8, channels=1, latent_dim=4, width=8, likelihood="gaussian").eval()
+    x = digit_batch(64)
+
+    with torch.no_grad():
+        draws = [model.elbo_terms(x, torch.Generator().manual_seed(seed)) for seed in range(20)]
+        nelbo = torch.stack([recon + kl for recon, kl in draws]).mean()
+        iwae = model.importance_weighted_nll(x, 64, torch.Generator().manual_seed(100)).mean()
+
+    assert iwae < nelbo
+
+
+def test_iwae_independent_of_chunking(monkeypatch: pytest.MonkeyPatch):
+    model = VAE(image_size=8, channels=1, latent_dim=4, width=8, likelihood="bernoulli").eval()
+    x = digit_batch(8)
+
+    with torch.no_grad():
+        whole = model.importance_weighted_nll(x, 10, torch.Generator().manual_seed(2))
+        # 8 images per pass: one posterior sample per forward pass.
+        monkeypatch.setattr(vae_module, "IWAE_IMAGES_PER_PASS", 8)
+        chunked = model.importance_weighted_nll(x, 10, torch.Generator().manual_seed(2))
+
+    assert torch.allclose(whole, chunked, rtol=1e-6)
+
+
+def test_iwae_finite_for_huge_log_weights():
+    model = VAE(image_size=8, channels=1, latent_dim=4, width=8, likelihood="gaussian").eval()
+    with torch.no_grad():
+        # sigma = exp(-30): -log p(x|z) is about 1e25 nats, so every weight exp(-1e25) is 0
+        # in floating point and only a logsumexp keeps the estimate finite.
+        model.log_scale.fill_(-30.0)
+    x = digit_batch(8)
+
+    with torch.no_grad():
+        nll = model.importance_weighted_nll(x, 16, torch.Generator().manual_seed(0))
+        single = model.importance_weighted_nll(x, 1, torch.Generator().manual_seed(0))
+
+    assert torch.isfinite(nll).all()
+    assert (nll > 1e20).all()
+    assert (nll <= single * (1 + 1e-6)).all()
+
+
+def test_iwae_rejects_zero_samples():
+    model = VAE(image_size=8, channels=1)
+
+    with pytest.raises(ValueError, match="num_samples"):
+        model.importance_weighted_nll(torch.rand(2, 1, 8, 8), 0)
+
+
+def test_test_step_logs_split_metrics(tmp_path: Path):
+    datamodule = image_datamodule("digits", tmp_path)
+    model = small_vae(datamodule, fid=None)
+    trainer = cpu_trainer(tmp_path, limit_val_batches=3, limit_test_batches=3)
+    trainer.fit(model, datamodule)
+    validated = trainer.validate(model, datamodule, verbose=False)[0]
+
+    model.configure_test(split="val", iwae_samples=8)
+    tested = trainer.test(model, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
+
+    for key in ("val/nelbo", "val/bpd", "val/recon", "val/kl"):
+        assert tested[key] == validated[key], key
+    assert tested["val/nll_iwae_8"] < tested["val/nelbo"]
+    assert tested["val/bpd_iwae_8"] == pytest.approx(
+        tested["val/nll_iwae_8"] / (8 * 8 * math.log(2)), rel=1e-5
+    )
