@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.images import TORCHVISION_SOURCES
 from genlab.checkpoints import WEIGHTS_CHOICES, CheckpointError, LoadedCheckpoint, load_checkpoint
-from genlab.config_check import ConfigError
+from genlab.config_check import ConfigError, added_key_problems
 from genlab.ddp import distributed_job, is_global_zero
 from genlab.fid import EXTRACTORS, FIDSettings, KIDSettings
 from genlab.loggers import build_loggers, finish_wandb_run, log_config, wandb_identity
@@ -170,6 +170,9 @@ def eval_precision(cfg: DictConfig, loaded: LoadedCheckpoint) -> str:
 def check_settings(cfg: DictConfig) -> None:
     """Raise ConfigError listing every invalid setting that can be judged without the checkpoint."""
     problems = []
+    if HydraConfig.initialized():
+        overrides = HydraConfig.get().overrides.task
+        problems += added_key_problems(overrides, "eval", ("trainer", "logger", "data", "paths"))
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError(
             [

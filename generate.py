@@ -43,7 +43,7 @@ from rich.progress import (
 from torchvision.utils import save_image
 
 from genlab.checkpoints import CheckpointError, load_checkpoint
-from genlab.config_check import ConfigError
+from genlab.config_check import ConfigError, added_key_problems
 from genlab.generation import (
     HYDRA_FILES,
     IMAGE_BATCH_SIZE,
@@ -94,6 +94,9 @@ OmegaConf.register_new_resolver("genlab_generation_root", generation_root)
 
 def generate(cfg: DictConfig, output_dir: Path) -> None:
     """Check the settings, load the checkpoint and write the outputs into `output_dir`."""
+    problems = added_key_problems(HydraConfig.get().overrides.task, "generate")
+    if problems:
+        raise ConfigError(problems)
     settings = read_settings(cfg)
     device = pick_device(settings.device)
     check_output_dir_unused(output_dir)

@@ -493,6 +493,45 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def added_key_problems(
+    overrides: typing.Sequence[str], config_name: str, open_nodes: tuple[str, ...] = ()
+) -> list[str]:
+    """Return a problem for each `+key=value` override of a key not in conf/<config_name>.yaml.
+
+    Hydra only rejects unknown keys given without "+", and its own message suggests adding
+    the "+". A misspelt setting would then be added and silently ignored. Keys under
+    `open_nodes` (such as "trainer", whose node takes any Trainer argument) and config
+    groups (`+experiment=...`) may be added.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    conf_dir = Path(__file__).resolve().parent.parent / "conf"
+    known = OmegaConf.load(conf_dir / f"{config_name}.yaml")
+    known_keys = set(_flat_keys(OmegaConf.to_container(known)))
+    problems = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if not override.is_add() or key.split(".")[0] in ("hydra", *open_nodes):
+            continue
+        if key in known_keys or (conf_dir / key.replace(".", "/")).is_dir():
+            continue
+        problems.append(
+            f"+{key} is not a setting of {config_name}.py{_suggest(key, known_keys)}. "
+            f"conf/{config_name}.yaml lists the settings; set one without the '+'."
+        )
+    return problems
+
+
+def _flat_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        yield f"{prefix}{key}"
+        yield from _flat_keys(value, f"{prefix}{key}.")
+
+
 def _suggest(key: str, candidates: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(candidates), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

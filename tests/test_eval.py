@@ -296,6 +296,12 @@ def test_invalid_settings_listed_together(evaluate_with, tmp_path):
         assert text in message
 
 
+def test_misspelt_added_setting_rejected(evaluate_with, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        evaluate_with(f"ckpt_path={tmp_path / 'any.ckpt'}", "+splt=test")
+    assert "+splt is not a setting of eval.py (did you mean 'split'?)" in str(error.value)
+
+
 def test_missing_checkpoint_rejected(evaluate_with, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate_with(f"ckpt_path={tmp_path / 'missing.ckpt'}")

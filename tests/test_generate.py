@@ -448,6 +448,16 @@ def test_missing_checkpoint_fails_without_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_misspelt_added_setting_fails_without_writing(gan_ckpt):
+    before = output_dirs(gan_ckpt)
+    result = run_generate([f"ckpt_path={gan_ckpt}", "+temprature=0.8"], gan_ckpt.parent)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "+temprature is not a setting of generate.py (did you mean 'temperature'?)" in output
+    assert output_dirs(gan_ckpt) == before
+
+
 def test_missing_ckpt_path_is_reported():
     cfg = compose_generate_config([])
     with pytest.raises(ConfigError, match="ckpt_path is missing"):
