@@ -90,6 +90,23 @@ class RunSummary(Callback):
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "summary.json", summary)
         _print_summary(summary)
+        # The table above goes to the terminal only; these lines also reach train.log.
+        log.info(
+            "Run %s at global step %d; summary written to %s",
+            summary["status"],
+            summary["global_step"],
+            run_dir / "summary.json",
+        )
+        log.info(
+            "Final validation metrics: %s",
+            ", ".join(
+                f"{key}={value:.6g}"
+                for key, value in summary["final"].items()
+                if key.startswith("val/")
+            )
+            or "none",
+        )
+        log.info("Best checkpoint: %s", summary["best_checkpoint"] or "none")
 
     def summarize(self, trainer: L.Trainer) -> dict:
         """Collect the facts of the run into a JSON-serialisable dict."""

@@ -85,7 +85,7 @@ class StopOnSignal(Callback):
         if self.stopped or not self._any_rank_received(trainer):
             return
         path = _last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self.checkpoint_path = path
         self._run_dir = trainer.default_root_dir
         self._is_global_zero = trainer.is_global_zero

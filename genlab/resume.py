@@ -172,7 +172,7 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         # Set before saving, so that the checkpoint records its own path.
         self.last_model_path = self.path
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
 
     def _due(self, trainer: L.Trainer) -> bool:
         epoch_loop = trainer.fit_loop.epoch_loop
