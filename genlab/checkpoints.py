@@ -30,7 +30,7 @@ WEIGHTS_CHOICES = ("auto", "ema", "raw")
 
 
 class CheckpointError(Exception):
-    """A checkpoint cannot be read or used as asked; the message says why and what to do."""
+    """Error for a checkpoint that cannot be read or used as requested; names reason and fix."""
 
 
 class RecordsModelClass:
@@ -110,11 +110,12 @@ def load_checkpoint(
     has_ema = RAW_WEIGHTS_KEY in checkpoint
     if weights == "ema" and not has_ema:
         raise CheckpointError(
-            f"weights=ema, but {path.name} holds no averaged weights: its run was trained "
-            "without the EMA callback (callbacks=ema). Use weights=raw or weights=auto."
+            f"weights=ema is invalid: {path.name} contains no averaged weights, because its "
+            "run trained without the EMA callback (callbacks=ema). Use weights=raw or "
+            "weights=auto."
         )
     chosen = "ema" if has_ema and weights != "raw" else "raw"
-    # With an average, state_dict holds it and RAW_WEIGHTS_KEY the trained weights.
+    # With an average, state_dict contains it and RAW_WEIGHTS_KEY the trained weights.
     state_dict = checkpoint[RAW_WEIGHTS_KEY if has_ema and chosen == "raw" else "state_dict"]
 
     model = model_class(**hyperparameters)
@@ -148,7 +149,7 @@ def _model_class(
         name = OmegaConf.select(run_config, "model._target_")
     if name is None:
         raise CheckpointError(
-            f"Cannot tell which model {path.name} holds: the checkpoint does not name its class "
+            f"Model class of {path.name} not found: the checkpoint does not name its class "
             f"and there is no config.yaml in {path.parent.parent}. Keep the checkpoint inside "
             "its run directory (<run dir>/checkpoints/)."
         )

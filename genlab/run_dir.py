@@ -90,8 +90,8 @@ def prepare_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
 def write_json(path: Path, data: Any) -> None:
     """Write `data` as indented JSON to `path` through a temporary file and a rename.
 
-    A reader, such as compare.py on a running run, then sees the old file or the new one,
-    never half of one.
+    A reader, such as compare.py on a running run, then reads the old file or the new
+    one, never half of one.
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,17 +53,48 @@ def job_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def run_script(
+    script: str,
+    args: list[str],
+    cwd: Path,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `python SCRIPT ARGS` (train.py, eval.py, ...) in a subprocess from `cwd`, as users do.
+
+    The script runs in a session of its own. On a timeout the whole session is killed,
+    DDP processes that Lightning started included, so that none of them outlives the
+    test, and the test fails with the output so far. `env` adds environment variables.
+    """
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "GENLAB_DATA_DIR": str(cwd / "data"),
+            **(env or {}),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(
+            f"{script} {' '.join(args)} did not finish within {timeout} s:\n"
+            f"{stdout[-3000:]}{stderr[-3000:]}"
+        )
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def run_train(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python train.py ARGS` in a subprocess from `cwd`, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENLAB_DATA_DIR": str(cwd / "data")}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script("train.py", args, cwd, timeout)
 
 
 @pytest.fixture

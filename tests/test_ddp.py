@@ -9,18 +9,16 @@ process's command line (pytest) again for rank 1; both strategies use the same D
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import conftest
 import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import ROOT, compose_config, job_config
+from conftest import compose_config, job_config
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import TensorDataset
 
@@ -43,32 +41,12 @@ BEST_CHECKPOINT_LINE = re.compile(r"Validating the best checkpoint: (\S+)")
 
 
 def run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python train.py ARGS` from `cwd` as conftest.run_train does, in a session of its own.
+    """Run `python train.py ARGS` from `cwd`, failing after RUN_TIMEOUT_S.
 
-    A rank that waits for a partner that never starts hangs. On a timeout the whole
-    session is killed, the rank-1 processes that Lightning started included, so that none
-    of them outlives the test.
+    A rank that waits for a partner that never starts hangs, so the limit is shorter than
+    conftest's default; on a timeout conftest kills the rank-1 processes too.
     """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENLAB_DATA_DIR": str(cwd / "data")}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(
-            f"train.py {' '.join(args)} did not finish within {RUN_TIMEOUT_S} s:\n"
-            f"{stdout[-3000:]}{stderr[-3000:]}"
-        )
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return conftest.run_train(args, cwd, timeout=RUN_TIMEOUT_S)
 
 
 def wandb_run_files(run_dir: Path) -> list[Path]:

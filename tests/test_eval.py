@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, ROOT, job_config, run_train
+from conftest import CONF_DIR, job_config, run_script, run_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -56,15 +54,7 @@ TASK_NAMES = {"vae": "vae_digits", "gan": "gan_digits", "gpt": "gpt_embedded_tex
 
 def run_eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run `python eval.py ARGS` in a subprocess from `cwd`, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENLAB_DATA_DIR": str(cwd / "data")}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "eval.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_script("eval.py", args, cwd)
 
 
 def train_run(family: str, cwd: Path) -> Path:

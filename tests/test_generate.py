@@ -10,16 +10,14 @@ on small networks.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -57,35 +55,20 @@ TINY_GPT = [
 # The VAE's images are 16 x 16, which genlab.samples.image_grid enlarges to 32 x 32 tiles
 # with 2 pixels of padding around each.
 TILE = 32 + 2
-# Seconds a DDP training run may take before its process group is killed.
-DDP_TIMEOUT_S = 300
+# Seconds a train.py or generate.py run may take; then its processes, DDP ranks included,
+# are killed.
+SCRIPT_TIMEOUT_S = 300
 
 
-def script_env(cwd: Path) -> dict[str, str]:
-    """Return the environment of the train.py and generate.py subprocesses.
-
-    The models are tiny, and their operations take microseconds. With several torch
-    threads, each operation also waits for every thread to be scheduled, which takes far
-    longer when other processes share the cores, so one thread keeps the tests fast.
-    """
-    return {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "GENLAB_DATA_DIR": str(cwd / "data"),
-        "OMP_NUM_THREADS": "1",
-    }
+# The models are tiny, and their operations take microseconds. With several torch threads,
+# each operation also waits for every thread to be scheduled, which takes far longer when
+# other processes share the cores, so one thread keeps the tests fast.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python SCRIPT ARGS` in a subprocess from `cwd`, as a user would."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=cwd,
-        env=script_env(cwd),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """Run `python SCRIPT ARGS` in a subprocess from `cwd` on one thread, as a user would."""
+    return conftest.run_script(script, args, cwd, timeout=SCRIPT_TIMEOUT_S, env=ONE_THREAD)
 
 
 def run_generate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -94,7 +77,7 @@ def run_generate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Run the in-process tests on one thread too, for the reason given in script_env."""
+    """Run the in-process tests on one thread too, for the reason given at ONE_THREAD."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -109,28 +92,8 @@ def train_checkpoint(cwd: Path, args: list[str], task_name: str) -> Path:
 
 
 def train_ddp_checkpoint(cwd: Path, args: list[str], task_name: str) -> Path:
-    """Train with train.py and trainer=ddp_cpu from `cwd`; return the run's last.ckpt.
-
-    The run has a session of its own, so that on a timeout the rank-1 process that
-    Lightning started is killed with it instead of waiting for its partner forever.
-    """
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *SMOKE, "trainer=ddp_cpu", *args],
-        cwd=cwd,
-        env=script_env(cwd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=DDP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"trainer=ddp_cpu run not done in {DDP_TIMEOUT_S} s:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
-    return last_checkpoint(cwd, task_name)
+    """Train with train.py and trainer=ddp_cpu from `cwd`; return the run's last.ckpt."""
+    return train_checkpoint(cwd, ["trainer=ddp_cpu", *args], task_name)
 
 
 def last_checkpoint(cwd: Path, task_name: str) -> Path:
